@@ -1,0 +1,294 @@
+"""Masked diffusion (MDLM, SUBS): numbers checked against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from unialignment.diffusion.masked_diffusion import (
+    NEG_INF,
+    LogLinearSchedule,
+    initial_ids_from_prompt,
+    mask_tokens,
+    masked_diffusion_loss,
+    nelbo_weight,
+    sample_antithetic_times,
+    sample_masked_diffusion,
+    subs_log_probs,
+)
+
+EPS = 1e-3
+MASK_ID = 3  # vocabulary of 4 in the hand-made examples: clean tokens 0, 1, 2 and the mask
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_log_linear_schedule_at_half_and_one():
+    schedule = LogLinearSchedule(eps=EPS)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+    expected_sigma = [0.0, -math.log(1 - (1 - EPS) * 0.5), -math.log(EPS)]
+    expected_dsigma = [1 - EPS, (1 - EPS) / (1 - (1 - EPS) * 0.5), (1 - EPS) / EPS]
+    expected_mask_probability = [0.0, (1 - EPS) * 0.5, 1 - EPS]
+
+    assert schedule.sigma(t).tolist() == pytest.approx(expected_sigma, rel=1e-12, abs=1e-12)
+    assert schedule.dsigma(t).tolist() == pytest.approx(expected_dsigma, rel=1e-12)
+    assert schedule.mask_probability(t).tolist() == pytest.approx(expected_mask_probability, rel=1e-12, abs=1e-12)
+
+
+def test_nelbo_weight_is_one_over_t_for_log_linear():
+    schedule = LogLinearSchedule(eps=EPS)
+    t = torch.linspace(1e-3, 1.0, 200)
+    weight = nelbo_weight(schedule.sigma(t), schedule.dsigma(t))
+    torch.testing.assert_close(weight, 1 / t, rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------- time sampling
+
+
+def test_antithetic_times_one_per_stratum():
+    batch_size, sampling_eps = 64, 1e-3
+    times = sample_antithetic_times(batch_size, sampling_eps, generator=torch.Generator().manual_seed(0))
+
+    assert times.shape == (batch_size,)
+    assert times.min() >= sampling_eps and times.max() <= 1.0
+    strata = ((times.sort().values - sampling_eps) / (1 - sampling_eps) * batch_size).floor().long()
+    assert strata.tolist() == list(range(batch_size))
+
+
+# ----------------------------------------------------------------------------- forward process
+
+
+def test_mask_tokens_fraction_follows_per_sample_probability():
+    clean_ids = torch.randint(0, MASK_ID, (4, 20_000), generator=torch.Generator().manual_seed(0))
+    probability = torch.tensor([0.0, 0.3, 0.7, 1.0])
+    noisy_ids = mask_tokens(clean_ids, probability, MASK_ID, generator=torch.Generator().manual_seed(1))
+
+    assert noisy_ids.dtype == torch.long
+    masked_fraction = (noisy_ids == MASK_ID).float().mean(dim=1)
+    assert masked_fraction.tolist() == pytest.approx(probability.tolist(), abs=0.015)
+    assert torch.equal(noisy_ids[0], clean_ids[0])  # p = 0 changes nothing
+    unmasked = noisy_ids != MASK_ID
+    assert torch.equal(noisy_ids[unmasked], clean_ids[unmasked])  # unmasked tokens stay clean
+
+
+def test_mask_tokens_never_touches_prompt():
+    clean_ids = torch.randint(0, MASK_ID, (8, 1000), generator=torch.Generator().manual_seed(0))
+    noisable_mask = torch.zeros_like(clean_ids, dtype=torch.bool)
+    noisable_mask[:, 600:] = True  # prompt first, answer after
+    noisy_ids = mask_tokens(clean_ids, 1.0, MASK_ID, noisable_mask=noisable_mask)
+
+    assert torch.equal(noisy_ids[:, :600], clean_ids[:, :600])
+    assert (noisy_ids[:, 600:] == MASK_ID).all()
+
+
+# ----------------------------------------------------------------------------- SUBS
+
+
+def test_subs_never_predicts_mask_and_copies_unmasked_tokens():
+    logits = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits[..., MASK_ID] = 50.0  # the network prefers the mask token; SUBS must overrule it
+    original_logits = logits.clone()
+    noisy_ids = torch.tensor([[3, 0, 3, 2, 1], [1, 3, 3, 3, 0]])
+
+    log_probs = subs_log_probs(logits, noisy_ids, MASK_ID)
+    probs = log_probs.exp()
+
+    assert log_probs.dtype == torch.float32
+    assert torch.equal(logits, original_logits)  # input untouched
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 5))
+    assert probs[..., MASK_ID].max() < 1e-30
+
+    unmasked = noisy_ids != MASK_ID
+    observed_log_probs = log_probs.gather(-1, noisy_ids[..., None]).squeeze(-1)
+    assert (observed_log_probs[unmasked] == 0).all()
+    assert ((log_probs == NEG_INF).sum(-1)[unmasked] == 3).all()  # every other entry is -1e6
+
+    # Masked positions: softmax over the clean tokens only.
+    expected = torch.softmax(logits[0, 0, :MASK_ID].float(), dim=-1)
+    torch.testing.assert_close(probs[0, 0, :MASK_ID], expected)
+
+
+# ----------------------------------------------------------------------------- loss
+
+# Every position has p_theta(x_0) = (1/8, 2/8, 5/8) over tokens 0, 1, 2, and a large mask logit.
+CLEAN_PROBS = torch.tensor([1 / 8, 2 / 8, 5 / 8])
+
+
+def _constant_logits(batch_size, length):
+    logits = torch.cat([CLEAN_PROBS.log(), torch.tensor([100.0])])
+    return logits.expand(batch_size, length, 4)
+
+
+def _schedule_at(t):
+    schedule = LogLinearSchedule(eps=EPS)
+    t = torch.tensor(t)
+    return schedule.sigma(t), schedule.dsigma(t)
+
+
+def test_loss_hand_computed_both_normalizations():
+    clean_ids = torch.tensor([[0, 1, 2], [2, 2, 0]])
+    noisy_ids = torch.tensor([[3, 1, 3], [2, 3, 3]])
+    sigma, dsigma = _schedule_at([0.5, 0.25])  # NELBO weights 1/t = 2 and 4
+    log_probs = subs_log_probs(_constant_logits(2, 3), noisy_ids, MASK_ID)
+
+    # Masked: row 0 holds tokens 0 and 2, row 1 holds tokens 2 and 0; unmasked tokens add 0.
+    row_0 = 2 * (math.log(8) + math.log(8 / 5))
+    row_1 = 4 * (math.log(8 / 5) + math.log(8))
+    out = masked_diffusion_loss(log_probs, clean_ids, sigma, dsigma)
+    assert out.loss.item() == pytest.approx((row_0 + row_1) / 6, rel=1e-4)
+    assert out.num_tokens.item() == 6
+    assert out.token_nll[0].tolist() == pytest.approx([2 * math.log(8), 0.0, 2 * math.log(8 / 5)], rel=1e-4)
+
+    # Real tokens only: the last token of row 1 is padding.
+    attention_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    out = masked_diffusion_loss(
+        log_probs, clean_ids, sigma, dsigma, attention_mask=attention_mask, normalization="real_tokens"
+    )
+    assert out.loss.item() == pytest.approx((row_0 + 4 * math.log(8 / 5)) / 5, rel=1e-4)
+    assert out.num_tokens.item() == 5
+    assert out.token_nll[1, 2].item() == 0.0
+
+    # The reference normalisation counts padding, so the attention mask changes nothing there.
+    out = masked_diffusion_loss(log_probs, clean_ids, sigma, dsigma, attention_mask=attention_mask)
+    assert out.loss.item() == pytest.approx((row_0 + row_1) / 6, rel=1e-4)
+
+
+def test_prompted_variant_scores_answer_tokens_only():
+    clean_ids = torch.tensor([[1, 0, 2, 0]])
+    answer_mask = torch.tensor([[False, False, True, True]])
+    noisy_ids = mask_tokens(clean_ids, 1.0, MASK_ID, noisable_mask=answer_mask)
+    assert noisy_ids.tolist() == [[1, 0, MASK_ID, MASK_ID]]
+
+    sigma, dsigma = _schedule_at([0.5])
+    log_probs = subs_log_probs(_constant_logits(1, 4), noisy_ids, MASK_ID)
+    answer_nll = 2 * (math.log(8 / 5) + math.log(8))
+
+    out = masked_diffusion_loss(log_probs, clean_ids, sigma, dsigma, score_mask=answer_mask)
+    assert out.token_nll[0, :2].tolist() == [0.0, 0.0]
+    assert out.loss.item() == pytest.approx(answer_nll / 4, rel=1e-4)
+
+    out = masked_diffusion_loss(
+        log_probs, clean_ids, sigma, dsigma, score_mask=answer_mask, normalization="real_tokens"
+    )
+    assert out.num_tokens.item() == 2
+    assert out.loss.item() == pytest.approx(answer_nll / 2, rel=1e-4)
+
+    # A position outside the score mask is never scored, even when masked.
+    fully_masked = torch.full_like(clean_ids, MASK_ID)
+    log_probs = subs_log_probs(_constant_logits(1, 4), fully_masked, MASK_ID)
+    out = masked_diffusion_loss(log_probs, clean_ids, sigma, dsigma, score_mask=answer_mask)
+    assert out.loss.item() == pytest.approx(answer_nll / 4, rel=1e-4)
+
+
+def test_loss_backpropagates_to_logits():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    noisy_ids = torch.tensor([[3, 1, 3], [2, 3, 3]])
+    sigma, dsigma = _schedule_at([0.5, 0.25])
+    out = masked_diffusion_loss(subs_log_probs(logits, noisy_ids, MASK_ID), torch.zeros_like(noisy_ids), sigma, dsigma)
+    out.loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[noisy_ids != MASK_ID] == 0).all()  # copied tokens carry no gradient
+
+
+def test_loss_rejects_unknown_normalization():
+    with pytest.raises(ValueError, match="batch_length.*real_tokens"):
+        masked_diffusion_loss(
+            torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long), *_schedule_at([0.5]), normalization="mean"
+        )
+
+
+# ----------------------------------------------------------------------------- sampling
+
+# Per-position target distributions over tokens 0..3; token 4 is the mask.
+SAMPLER_MASK_ID = 4
+TARGET_PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+
+
+class FixedDenoiser:
+    """Returns the same per-position logits whatever the input; counts its calls."""
+
+    def __init__(self, probs=TARGET_PROBS):
+        self.logits = torch.cat([probs.log(), torch.full((len(probs), 1), 10.0)], dim=-1)  # mask logit is large
+        self.num_calls = 0
+
+    def __call__(self, noisy_ids):
+        self.num_calls += 1
+        return self.logits.expand(noisy_ids.shape[0], -1, -1)
+
+
+def test_sampler_matches_denoiser_distribution_and_keeps_prompt():
+    num_rows = 4000
+    prompt_ids = torch.tensor([[2, 0, 0]]).expand(num_rows, -1)
+    prompt_mask = torch.tensor([[True, False, False]]).expand(num_rows, -1)
+    start_ids = initial_ids_from_prompt(prompt_ids, prompt_mask, SAMPLER_MASK_ID)
+    assert start_ids[0].tolist() == [2, SAMPLER_MASK_ID, SAMPLER_MASK_ID]
+
+    denoiser = FixedDenoiser()
+    sample = sample_masked_diffusion(
+        denoiser, start_ids, SAMPLER_MASK_ID, num_steps=16, generator=torch.Generator().manual_seed(0)
+    )
+    token_ids = sample.token_ids
+
+    assert token_ids.shape == (num_rows, 3)
+    assert (token_ids != SAMPLER_MASK_ID).all()
+    assert (token_ids[:, 0] == 2).all()
+    assert sample.num_denoiser_calls == denoiser.num_calls
+    for position in (1, 2):
+        frequencies = torch.bincount(token_ids[:, position], minlength=4).float() / num_rows
+        assert (frequencies - TARGET_PROBS[position]).abs().max() < 0.03
+
+
+def test_sampler_unprompted_distribution():
+    start_ids = initial_ids_from_prompt(torch.zeros(4000, 3, dtype=torch.long), None, SAMPLER_MASK_ID)
+    sample = sample_masked_diffusion(
+        FixedDenoiser(), start_ids, SAMPLER_MASK_ID, num_steps=8, generator=torch.Generator().manual_seed(1)
+    )
+    for position in range(3):
+        frequencies = torch.bincount(sample.token_ids[:, position], minlength=4).float() / 4000
+        assert (frequencies - TARGET_PROBS[position]).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cache_saves_calls_and_gives_identical_samples(seed):
+    start_ids = torch.full((1, 2), SAMPLER_MASK_ID)
+    probs = TARGET_PROBS[:2]
+    cached, uncached = FixedDenoiser(probs), FixedDenoiser(probs)
+
+    with_cache = sample_masked_diffusion(
+        cached, start_ids, SAMPLER_MASK_ID, 64, use_cache=True, generator=torch.Generator().manual_seed(seed)
+    )
+    without_cache = sample_masked_diffusion(
+        uncached, start_ids, SAMPLER_MASK_ID, 64, use_cache=False, generator=torch.Generator().manual_seed(seed)
+    )
+
+    assert torch.equal(with_cache.token_ids, without_cache.token_ids)
+    # A call only after a step that unmasked something: at most one per token plus the first.
+    assert with_cache.num_denoiser_calls == cached.num_calls <= 3
+    assert without_cache.num_denoiser_calls == uncached.num_calls >= 64
+
+
+def test_sampler_fills_remaining_masks_with_argmax():
+    # One step from t = 1 to s = 0.999 leaves almost every token masked; the final argmax fills them.
+    start_ids = torch.full((200, 3), SAMPLER_MASK_ID)
+    probs = torch.tensor([[0.1, 0.6, 0.2, 0.1]]).expand(3, -1)
+    denoiser = FixedDenoiser(probs)
+    sample = sample_masked_diffusion(
+        denoiser, start_ids, SAMPLER_MASK_ID, 1, final_time=0.999, generator=torch.Generator().manual_seed(0)
+    )
+    assert (sample.token_ids != SAMPLER_MASK_ID).all()
+    assert (sample.token_ids == 1).float().mean() > 0.99
+    assert sample.num_denoiser_calls == denoiser.num_calls <= 2
+
+
+def test_sampler_progress_wraps_steps():
+    seen_steps = []
+
+    def progress(steps):
+        for step in steps:
+            seen_steps.append(step)
+            yield step
+
+    sample_masked_diffusion(FixedDenoiser(), torch.full((1, 3), SAMPLER_MASK_ID), SAMPLER_MASK_ID, 5, progress=progress)
+    assert seen_steps == list(range(5))
