@@ -94,7 +94,13 @@ def test_euler_sampling_reaches_the_target_and_guidance_extrapolates():
     torch.testing.assert_close(plain, a)
     # Straight paths: the guided field points at b + g (a - b).
     steps = []
-    guided = sample_rectified_flow(_point_mass_denoiser(b, a, True), start, scheduler, 10, guidance_scale=3.0,
-                                   progress=lambda it: (steps.append(t) or t for t in it))
+    guided = sample_rectified_flow(
+        _point_mass_denoiser(b, a, True),
+        start,
+        scheduler,
+        10,
+        guidance_scale=3.0,
+        progress=lambda it: (steps.append(t) or t for t in it),
+    )
     torch.testing.assert_close(guided, b + 3.0 * (a - b))
     assert len(steps) == 10

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.tiny.transformer import TINY_UNIALIGNMENT_CONFIG, make_tiny_transformer
 from unialignment.models import UniAlignmentTransformer
+from unialignment.toy.transformer import TINY_UNIALIGNMENT_CONFIG, make_tiny_transformer
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -61,8 +61,9 @@ def test_loads_folder_in_the_authors_layout(tmp_path):
     config = {key: value for key, value in config.items() if key in authors_fields}
     config["_class_name"] = "SD3JointModelFlexible"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = UniAlignmentTransformer.from_pretrained(tmp_path, align_depth=2, teacher_dim=10, alignment_hidden_dim=20,
-                                                    num_null_image_tokens=3)
+    model = UniAlignmentTransformer.from_pretrained(
+        tmp_path, align_depth=2, teacher_dim=10, alignment_hidden_dim=20, num_null_image_tokens=3
+    )
     assert model.config.vocab_size == TINY_UNIALIGNMENT_CONFIG["vocab_size"]
 
 
@@ -106,8 +107,9 @@ def test_each_pass_computes_only_what_it_is_asked_for():
         assert caption.text_logits.shape == (2, 5, TINY_UNIALIGNMENT_CONFIG["vocab_size"])
         assert (len(image_head_calls), len(text_head_calls)) == (1, 1)
 
-        everything = model(latents, text, 0.0, return_text_logits=True, return_hidden_states=True,
-                           return_alignment=True)
+        everything = model(
+            latents, text, 0.0, return_text_logits=True, return_hidden_states=True, return_alignment=True
+        )
     assert everything.image_hidden_states.shape == (2, 16, 16)
     assert everything.text_hidden_states.shape == (2, 5, 16)
     assert everything.image_alignment.shape == everything.text_alignment.shape == (2, 10)

@@ -15,5 +15,7 @@ import torch.nn.functional as F
 def cosine_alignment_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch mean of 1 - cos(predicted, target); both (B, D_teacher). The target carries no gradient."""
     if predicted.shape != target.shape:
-        raise ValueError(f"alignment head output {tuple(predicted.shape)} and teacher target {tuple(target.shape)} differ.")
+        raise ValueError(
+            f"alignment head output {tuple(predicted.shape)} and teacher target {tuple(target.shape)} differ."
+        )
     return (1.0 - F.cosine_similarity(predicted.float(), target.detach().float(), dim=-1)).mean()

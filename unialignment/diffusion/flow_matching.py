@@ -46,7 +46,11 @@ def sample_timesteps(
     if len(scheduler.timesteps) != num_train_timesteps:
         raise ValueError("sample_timesteps needs the training scheduler: do not call set_timesteps on it.")
     u = compute_density_for_timestep_sampling(
-        weighting_scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
+        weighting_scheme,
+        batch_size,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
         generator=generator,
     )
     # u can round to exactly 1.0 in float32 for large draws; keep the index in range.

@@ -189,7 +189,9 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         if latents.ndim != 4 or latents.shape[1] != channels:
             raise ValueError(f"{name} must have shape (B, {channels}, H, W), got {tuple(latents.shape)}.")
         if latents.shape[-2] % patch_size or latents.shape[-1] % patch_size:
-            raise ValueError(f"{name} height and width must be divisible by patch_size={patch_size}, got {tuple(latents.shape)}.")
+            raise ValueError(
+                f"{name} height and width must be divisible by patch_size={patch_size}, got {tuple(latents.shape)}."
+            )
         # PatchEmbed's output is a transposed view; make it contiguous for the attention kernels.
         return self.pos_embed(latents).contiguous()
 

@@ -1,0 +1,169 @@
+"""Frozen alignment teacher: the targets of intrinsic-modal (representation) alignment.
+
+REPA-style representation alignment (Yu et al. 2024, "Representation Alignment for Generation:
+Training Diffusion Transformers Is Easier Than You Think"): the alignment heads of both streams are
+pulled toward a frozen encoder's representation of the same sample. UniAlignment's teacher is
+Qwen2.5-VL (Bai et al. 2025, "Qwen2.5-VL Technical Report"); SPEC sections 2 and 5.
+
+Any frozen image-text encoder plugs in by subclassing `AlignmentTeacher`: it only has to turn a batch
+of images and a batch of captions into one float32 vector of width `dim` each.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    BaseImageProcessor,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLModel,
+)
+
+
+class AlignmentTeacher(torch.nn.Module, abc.ABC):
+    """A frozen image-text encoder giving one target vector per image and per caption.
+
+    Implementations run without gradients and return float32 tensors of shape (B, dim) on their
+    own device; `dim` is the width the alignment heads project to.
+    """
+
+    dim: int
+
+    @abc.abstractmethod
+    def image_targets(self, images: list[Image.Image]) -> torch.Tensor:
+        """Image targets (B, dim) float32 for B images."""
+
+    @abc.abstractmethod
+    def text_targets(self, texts: list[str]) -> torch.Tensor:
+        """Text targets (B, dim) float32 for B captions."""
+
+    def train(self, mode: bool = True) -> AlignmentTeacher:
+        # A teacher is frozen: a trainer's `.train()` must not switch it out of eval mode.
+        return super().train(False)
+
+
+class QwenVLTeacher(AlignmentTeacher):
+    """Qwen2.5-VL as the teacher (SPEC section 2).
+
+    Image target: mean over the image's tokens of `get_image_features` (the vision tower's merged
+    tokens, already projected to the LLM width). Text target: mean of the LLM's input embeddings of the
+    caption's tokens. With `average_padding` (the reference) every caption is padded to
+    `max_text_length` and the pad embeddings are averaged in too; without it only real tokens count.
+    """
+
+    def __init__(
+        self,
+        model: Qwen2_5_VLModel,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: BaseImageProcessor,
+        average_padding: bool = True,
+        max_text_length: int = 256,
+        image_size: int | None = None,
+    ):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.average_padding = average_padding
+        self.max_text_length = max_text_length
+        self.image_size = image_size
+        self.dim = model.config.text_config.hidden_size
+        vision_width = model.config.vision_config.out_hidden_size
+        assert vision_width == self.dim, (
+            f"The vision tower's output width ({vision_width}) must equal the LLM hidden size ({self.dim}): "
+            "image and text targets share the alignment width `dim`."
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        average_padding: bool = True,
+        max_text_length: int = 256,
+        image_size: int | None = None,
+    ) -> QwenVLTeacher:
+        """Load from a local Qwen2.5-VL folder (config, weights, tokenizer, preprocessor config).
+
+        `image_size`, if given, resizes every image to image_size x image_size before the Qwen
+        processor, so each image costs the same number of vision tokens whatever its resolution.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"Alignment teacher folder not found: {path}")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Alignment teacher folder {path} has no config.json; expected a Qwen2.5-VL checkpoint."
+            )
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        # The teacher needs only the vision tower and the LLM's input embeddings: dropping the decoder
+        # layers keeps ~1.2B of Qwen2.5-VL-7B's 8.3B parameters in memory. Their checkpoint weights
+        # are skipped and listed as UNEXPECTED in transformers' load report.
+        config.text_config.num_hidden_layers = 0
+        config.text_config.layer_types = []
+        model = Qwen2_5_VLModel.from_pretrained(path, config=config, dtype=torch_dtype, local_files_only=True)
+        # Not AutoProcessor: in transformers 5 the Qwen2.5-VL processor also builds a video processor,
+        # which needs torchvision; the teacher uses only the tokenizer and the image processor.
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return cls(
+            model.to(device),
+            tokenizer,
+            image_processor,
+            average_padding=average_padding,
+            max_text_length=max_text_length,
+            image_size=image_size,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def image_targets(self, images: list[Image.Image]) -> torch.Tensor:
+        """Mean vision token per image, (B, dim) float32; all B images go through the tower at once."""
+        if self.image_size is not None:
+            size = (self.image_size, self.image_size)
+            images = [image.resize(size, Image.Resampling.BICUBIC) for image in images]
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        # pixel_values: (total patches of all images, C * temporal_patch * patch^2); image_grid_thw: (B, 3).
+        # The vision tower attends within each image only (block-diagonal attention over the
+        # concatenated patches), so batching does not mix images.
+        image_grid_thw = inputs["image_grid_thw"].to(self.device)
+        features = self.model.get_image_features(inputs["pixel_values"].to(self.device), image_grid_thw)
+        # transformers 5 returns an output object whose pooler_output is a tuple of per-image
+        # tensors; earlier versions return that tuple, or one tensor concatenated over images.
+        features = getattr(features, "pooler_output", features)
+        if not isinstance(features, torch.Tensor):
+            features = torch.cat(list(features))
+        merge_size = self.model.config.vision_config.spatial_merge_size
+        tokens_per_image = (image_grid_thw.prod(-1) // merge_size**2).tolist()
+        assert sum(tokens_per_image) == features.shape[0], (
+            f"get_image_features returned {features.shape[0]} tokens; image_grid_thw implies {sum(tokens_per_image)}."
+        )
+        per_image_tokens = torch.split(features.float(), tokens_per_image)  # B x (N_i, dim)
+        return torch.stack([tokens.mean(0) for tokens in per_image_tokens])
+
+    @torch.no_grad()
+    def text_targets(self, texts: list[str]) -> torch.Tensor:
+        """Mean input embedding of each caption's tokens, (B, dim) float32."""
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length" if self.average_padding else "longest",
+            max_length=self.max_text_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        token_embeds = self.model.get_input_embeddings()(tokens["input_ids"].to(self.device)).float()  # (B, L, dim)
+        if self.average_padding:
+            return token_embeds.mean(1)
+        real_token_mask = tokens["attention_mask"].to(self.device, torch.float32).unsqueeze(-1)  # (B, L, 1)
+        # An empty caption has no real tokens; clamping gives it a zero target instead of NaN.
+        return (token_embeds * real_token_mask).sum(1) / real_token_mask.sum(1).clamp(min=1.0)

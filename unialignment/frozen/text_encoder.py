@@ -1,0 +1,204 @@
+"""Frozen T5 text encoder and tokenizer.
+
+The text encoder is the T5 v1.1 XXL encoder that Stable Diffusion 3 uses as its third text encoder
+(Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis";
+`text_encoder_3` / `tokenizer_3` in the diffusers layout). As in SD3's reference training, the pad
+token is the EOS token `</s>` and every caption is truncated and padded to 256 tokens.
+
+The text stream is a masked (absorbing-state) diffusion in the style of MDLM (Sahoo et al. 2024):
+its mask token is T5's first sentinel `<extra_id_0>`, whose input-embedding row can be replaced at
+load time by a learned mask embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
+
+MASK_TOKEN = "<extra_id_0>"
+MAX_TEXT_LENGTH = 256
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {path}")
+    return path
+
+
+def load_t5_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a T5 tokenizer from a local folder and make its pad token the EOS token `</s>`."""
+    path = _require_dir(path, "T5 tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"The tokenizer in {path} has no EOS token; a T5 tokenizer has `</s>`.")
+    # SD3's reference training pads T5 input with EOS, so padding positions encode as `</s>`.
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Id of the mask token `<extra_id_0>` (32099 in SD3's tokenizer), looked up in `tokenizer`."""
+    token_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(
+            f"The tokenizer has no {MASK_TOKEN} token (the mask token); a T5 tokenizer with its "
+            "sentinel tokens (extra_ids) is required."
+        )
+    return token_id
+
+
+def load_mask_embedding(path: str | Path, expected_dim: int) -> torch.Tensor:
+    """Load a learned mask-token embedding (authors' file: `mask_token_emb.00-of-01.pth`).
+
+    The file holds a tensor of shape (expected_dim,) or (1, expected_dim); returns shape (expected_dim,).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Mask-token embedding file not found: {path}")
+    mask_embedding = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(mask_embedding, torch.Tensor):
+        raise TypeError(f"{path} must hold a tensor, found {type(mask_embedding).__name__}.")
+    if tuple(mask_embedding.shape) not in {(expected_dim,), (1, expected_dim)}:
+        raise ValueError(
+            f"{path} holds a tensor of shape {tuple(mask_embedding.shape)}; expected ({expected_dim},) "
+            f"or (1, {expected_dim}) to match the text encoder's hidden size."
+        )
+    return mask_embedding.reshape(expected_dim)
+
+
+@dataclass
+class TokenizedText:
+    input_ids: torch.Tensor  # (B, L) long, padded with EOS
+    attention_mask: torch.Tensor  # (B, L), 1 on real tokens and the first EOS
+    num_truncated: int  # how many texts were longer than L tokens and got cut
+
+
+# A plain class, not an nn.Module: a frozen component must never show up in a trainer's
+# `.parameters()`, `state_dict()`, optimizer or DDP wrapper, and a plain attribute keeps it out.
+class FrozenT5:
+    """T5 tokenizer and frozen T5 encoder, with the mask token and the null prompt."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder: T5EncoderModel,
+        max_length: int = MAX_TEXT_LENGTH,
+    ):
+        self.tokenizer = tokenizer
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.max_length = max_length
+        self._mask_token_id = mask_token_id(tokenizer)
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            raise ValueError("The pad token must be the EOS token `</s>`; load with load_t5_tokenizer.")
+        if len(tokenizer) > encoder.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the encoder embeds only "
+                f"{encoder.config.vocab_size}; they do not belong together."
+            )
+        self._null_prompt_embeds: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        tokenizer_path: str | Path,
+        encoder_path: str | Path,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        mask_embedding_path: str | Path | None = None,
+        max_length: int = MAX_TEXT_LENGTH,
+    ) -> FrozenT5:
+        tokenizer = load_t5_tokenizer(tokenizer_path)
+        encoder_path = _require_dir(encoder_path, "T5 encoder")
+        encoder = T5EncoderModel.from_pretrained(encoder_path, dtype=torch_dtype, local_files_only=True)
+        if mask_embedding_path is not None:
+            mask_embedding = load_mask_embedding(mask_embedding_path, encoder.config.d_model)
+            embedding_weight = encoder.get_input_embeddings().weight  # (vocab, d_model)
+            with torch.no_grad():
+                embedding_weight[mask_token_id(tokenizer)] = mask_embedding.to(embedding_weight.dtype)
+        return cls(tokenizer, encoder.to(device), max_length=max_length)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self._mask_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce: the size of the transformer's text head."""
+        return len(self.tokenizer)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.d_model
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    def tokenize(self, texts: list[str]) -> TokenizedText:
+        """Tokenize, truncate and pad to exactly `max_length` tokens (EOS is kept when truncating)."""
+        untruncated_ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        num_truncated = sum(len(ids) > self.max_length for ids in untruncated_ids)
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        return TokenizedText(tokens["input_ids"], tokens["attention_mask"], num_truncated)
+
+    @torch.no_grad()
+    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Encode token ids (B, L) into hidden states (B, L, d_model) in the encoder's dtype.
+
+        No attention mask, as SD3's pipeline encodes T5: padding is EOS and is attended to.
+        """
+        return self.encoder(input_ids.to(self.device)).last_hidden_state
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Encode texts into hidden states (B, max_length, d_model)."""
+        return self.encode_ids(self.tokenize(texts).input_ids)
+
+    def null_prompt_embeds(self, batch_size: int = 1) -> torch.Tensor:
+        """Encoding of `" "` (B, max_length, d_model): the condition-dropout and default negative prompt.
+
+        Computed once and cached; batch_size > 1 returns an expanded view of the cached tensor.
+        """
+        if self._null_prompt_embeds is None:
+            self._null_prompt_embeds = self.encode([" "])
+        if batch_size == 1:
+            return self._null_prompt_embeds
+        return self._null_prompt_embeds.expand(batch_size, -1, -1)
+
+    def decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """Decode token ids (B, L) into texts, dropping everything from the first `</s>` on and any
+        pad or mask tokens left over from sampling."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1, ids.shape[-1]).tolist()
+        dropped = {self.pad_token_id, self.mask_token_id}
+        texts = []
+        for row in ids:
+            row = list(row)
+            if self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            row = [token_id for token_id in row if token_id not in dropped]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts

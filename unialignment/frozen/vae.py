@@ -1,0 +1,97 @@
+"""The frozen VAE: images <-> the latents both streams see (SPEC section 2).
+
+Stable Diffusion 3's 16-channel AutoencoderKL (Esser et al. 2024). The transformer works on
+latent = (z - shift_factor) * scaling_factor; both constants are read from `vae.config`, never
+repeated in code. Decoding inverts the scaling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+
+# A plain class, not an nn.Module, for the same reason as FrozenT5: a frozen component must stay out of
+# the trainer's parameters, state dict and distributed wrapper.
+class FrozenVAE:
+    """AutoencoderKL in eval mode without gradients, with the latent scaling of its config."""
+
+    def __init__(self, vae: AutoencoderKL):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        # SD1/2-style VAEs have no shift; SD3's is 0.0609.
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> FrozenVAE:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"VAE folder not found or without config.json: {path}")
+        return cls(AutoencoderKL.from_pretrained(path, torch_dtype=torch_dtype).to(device))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels (B, 3, H, W) in [-1, 1] -> the posterior's (mean, std), each (B, C, H/f, W/f), unscaled.
+
+        Kept separate from sampling so that an offline cache can store the distribution and draw a fresh
+        latent every epoch, as encoding online does.
+        """
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def scale(self, raw_latents: torch.Tensor) -> torch.Tensor:
+        """z -> (z - shift) * scale: the latents the transformer sees."""
+        return (raw_latents - self.shift_factor) * self.scaling_factor
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scaling_factor + self.shift_factor
+
+    def sample_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw z ~ N(mean, std^2) and scale it. With std = 0 this is the posterior mean."""
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.scale(mean + std * noise)
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), sampled from the posterior."""
+        mean, std = self.latent_distribution(pixels)
+        return self.sample_latents(mean, std, generator)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels (B, 3, H, W) in [-1, 1], clamped."""
+        pixels = self.vae.decode(self.unscale(latents).to(self.device, self.dtype)).sample
+        return pixels.clamp(-1.0, 1.0)
+
+
+def pil_to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB images."""
+    arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in arrays]

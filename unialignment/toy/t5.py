@@ -1,0 +1,94 @@
+"""Tiny real T5 tokenizer and encoder for tests, built locally in a second or two.
+
+The tokenizer is a sentencepiece unigram model trained on captions of coloured shapes, turned into a
+T5 tokenizer by transformers' own sentencepiece converter: ids 0, 1, 2 are `<pad>`, `</s>`, `<unk>`
+and the 100 sentinels `<extra_id_99>` ... `<extra_id_0>` come last, so `<extra_id_0>` has the highest
+id, as in T5.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import sentencepiece
+import torch
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "grey", "brown"]
+COLOURS += ["cyan", "magenta", "teal", "gold", "silver", "violet", "navy", "olive", "crimson"]
+SHAPES = ["circle", "square", "triangle", "star", "heart", "hexagon", "cube", "sphere", "cone", "ring", "oval"]
+SHAPES += ["rectangle", "diamond", "pentagon", "cylinder", "pyramid", "arrow", "cross", "crescent", "spiral"]
+SIZES = ["small", "large", "tiny", "big", "huge", "medium"]
+MATERIALS = ["glass", "metal", "plastic", "paper", "wooden", "stone", "felt", "shiny", "matte"]
+PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the middle", "in a corner", "near the edge"]
+SCENES = ["on a wooden table", "against a plain background", "floating in the sky", "under a bright lamp"]
+SCENES += ["lying on the grass", "resting on a shelf", "hanging from a string"]
+COUNTS = ["two", "three", "four", "five", "six", "several", "many"]
+
+
+def caption_corpus() -> list[str]:
+    """Simple English captions about coloured shapes (1200 of them, ~150 distinct words), deterministic."""
+
+    def pick(words: list[str], k: int) -> str:
+        return words[k % len(words)]
+
+    captions = []
+    for k, (colour, shape) in enumerate(itertools.product(COLOURS, SHAPES)):
+        size, material, place = pick(SIZES, k), pick(MATERIALS, k), pick(PLACES, k)
+        scene, count = pick(SCENES, k // 3), pick(COUNTS, k // 2)
+        # A second colour and shape, cycled differently, so that word pairs vary.
+        other_colour, other_shape = pick(COLOURS, 7 * k + 3), pick(SHAPES, 11 * k + 5)
+        captions.append(f"A {size} {colour} {material} {shape} {place} of the image, {scene}.")
+        captions.append(f"{count.capitalize()} {colour} {shape}s next to a {other_colour} {other_shape}.")
+        captions.append(f"There is one {other_colour} {shape} and {count} {colour} {other_shape}s {place}.")
+    return captions
+
+
+def make_tiny_t5(folder: Path, vocab_size: int = 256, seed: int = 0) -> tuple[Path, Path]:
+    """Build and save a tiny T5 tokenizer and encoder; returns (tokenizer folder, encoder folder)."""
+    tokenizer_dir, encoder_dir = folder / "tokenizer", folder / "text_encoder"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+
+    # T5's sentencepiece layout: pad 0, eos 1, unk 2, no bos. The corpus has ~150 distinct words, which
+    # caps the unigram vocabulary near 150 pieces; `hard_vocab_limit=False` lets the trainer stop there.
+    spm_model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(caption_corpus()),
+        model_writer=spm_model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    # transformers 5 has one T5Tokenizer (tokenizers backend). Its constructor ignores `vocab_file`
+    # and would silently build a 104-token placeholder vocabulary; `from_pretrained` on a folder holding
+    # `spiece.model` runs the real converter, which appends the 100 sentinel tokens. The folder then
+    # gets `tokenizer.json` too, the same layout as SD3's `tokenizer_3`.
+    (tokenizer_dir / "spiece.model").write_bytes(spm_model.getvalue())
+    tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir, extra_ids=100)
+    tokenizer.save_pretrained(tokenizer_dir)
+
+    config = T5Config(
+        # T5 rounds its embedding table up (32128 rows for 32100 tokens); so do we, to a multiple of 64.
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+    )
+    # Seeded init without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = T5EncoderModel(config)
+    encoder.save_pretrained(encoder_dir)
+    return tokenizer_dir, encoder_dir
