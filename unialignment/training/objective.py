@@ -10,7 +10,7 @@ states; the intrinsic-modal loss pulls the block-`align_depth` states toward a f
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -102,7 +102,7 @@ class UniAlignmentLosses:
     align_text: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
-        return {name: value.detach().item() for name, value in asdict(self).items()}
+        return {f.name: getattr(self, f.name).detach().item() for f in fields(self)}
 
 
 class UniAlignmentObjective:
@@ -144,8 +144,14 @@ class UniAlignmentObjective:
 
         # 1. Image stream: rectified flow on the target, condition images clean.
         timesteps, sigmas = sample_timesteps(
-            self.scheduler, batch_size, config.weighting_scheme, config.logit_mean, config.logit_std,
-            config.mode_scale, generator=generator, device=device,
+            self.scheduler,
+            batch_size,
+            config.weighting_scheme,
+            config.logit_mean,
+            config.logit_std,
+            config.mode_scale,
+            generator=generator,
+            device=device,
         )
         noise = randn_tensor(batch.target_latents.shape, generator=generator, dtype=torch.float32).to(
             device, batch.target_latents.dtype
@@ -155,8 +161,12 @@ class UniAlignmentObjective:
             batch.prompt_embeds, self.null_prompt_embeds.to(device), config.condition_dropout, generator
         )
         image_pass = model(
-            noisy_latents, prompt_embeds, timesteps, batch.condition_latents,
-            return_hidden_states=want_contrastive, return_alignment=want_align,
+            noisy_latents,
+            prompt_embeds,
+            timesteps,
+            batch.condition_latents,
+            return_hidden_states=want_contrastive,
+            return_alignment=want_align,
         )
         image_loss = flow_matching_loss(
             image_pass.velocity, noisy_latents, batch.target_latents, sigmas, config.weighting_scheme
@@ -174,11 +184,17 @@ class UniAlignmentObjective:
         if batch.text_stream_uses_null_image:
             text_stream_latents = None
         else:
-            text_stream_latents = batch.target_latents if batch.text_stream_latents is None else batch.text_stream_latents
+            text_stream_latents = (
+                batch.target_latents if batch.text_stream_latents is None else batch.text_stream_latents
+            )
         text_pass = model(
-            text_stream_latents, noisy_text_embeds.to(batch.prompt_embeds.dtype), torch.zeros(batch_size, device=device),
-            return_velocity=False, return_text_logits=True,
-            return_hidden_states=want_contrastive, return_alignment=want_align,
+            text_stream_latents,
+            noisy_text_embeds.to(batch.prompt_embeds.dtype),
+            torch.zeros(batch_size, device=device),
+            return_velocity=False,
+            return_text_logits=True,
+            return_hidden_states=want_contrastive,
+            return_alignment=want_align,
         )
         text_times = text_times.to(device)
         text_loss = masked_diffusion_loss(
