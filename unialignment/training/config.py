@@ -1,0 +1,256 @@
+"""The training configuration: typed sections, checked strictly.
+
+Configs are mmengine Python files (`configs/_base_/*` and one short file per stage); `load_config` merges them,
+applies command-line overrides (`--key value`, dotted keys) and turns the result into these dataclasses. An
+unknown key or a value of the wrong type is an error that names it, so a typo never silently falls back to a
+default. The defaults are the reference settings (SPEC section 6).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mmengine.config import Config
+
+from unialignment.training.objective import ObjectiveConfig
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, missing or of the wrong type; the message names it."""
+
+
+@dataclass
+class ComponentsConfig:
+    """Local folders of the frozen components. `sd3` is a diffusers SD3 pipeline folder: its `tokenizer_3`,
+    `text_encoder_3` and `vae` are used unless a folder is named explicitly."""
+
+    sd3: str | None = None
+    tokenizer: str | None = None
+    text_encoder: str | None = None
+    vae: str | None = None
+    teacher: str | None = None  # Qwen2.5-VL folder; None trains without representation alignment
+    mask_embedding: str | None = None  # the authors' learned mask-token embedding (mask_token_emb.00-of-01.pth)
+    text_length: int = 256
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    teacher_average_padding: bool = True  # the reference averages padding positions of the caption too
+
+    def folder(self, name: str, sd3_subfolder: str) -> str:
+        explicit = getattr(self, name)
+        if explicit is not None:
+            return explicit
+        if self.sd3 is None:
+            raise ConfigError(f"components.{name}: set it, or set components.sd3 to an SD3 pipeline folder")
+        return str(Path(self.sd3) / sd3_subfolder)
+
+
+@dataclass
+class ModelConfig:
+    """The trainable transformer. `load_from` (weights only) is an SD3 transformer or pipeline folder (stage 1),
+    a UniAlignment transformer or pipeline folder (the authors' release, or a previous stage's export); None builds
+    the transformer from `config` with fresh weights. `config` overrides transformer config fields."""
+
+    load_from: str | None = None
+    config: dict = field(default_factory=dict)
+    gradient_checkpointing: bool = True
+    lora_rank: int = 0  # > 0 trains LoRA adapters (diffusers' PEFT support) instead of all weights
+    lora_alpha: float | None = None
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+        ]
+    )
+
+
+@dataclass
+class DataConfig:
+    """Task groups (see `unialignment.data.dataset.build_task_groups`) and how they are read."""
+
+    groups: list[dict] = field(default_factory=list)
+    resolution: int = 512
+    aspect_ratio_buckets: bool = False
+    schedule: Literal["alternate", "random"] = "alternate"
+    num_workers: int = 4
+    max_bad_fraction: float = 0.01
+    check_images: bool = True
+    use_feature_cache: bool = False
+    max_replacement_attempts: int = 16
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 2000
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # the cosine schedule's floor, as a fraction of lr
+    clip_grad_norm: float = 2.0
+
+
+@dataclass
+class BatchConfig:
+    """The global batch is the primitive; per-rank accumulation is derived from it and the world size."""
+
+    global_batch_size: int = 384
+    micro_batch_size: int = 4
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"batch.global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size x world_size "
+                f"= {self.micro_batch_size} x {world_size}; change global_batch_size or micro_batch_size"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 compute, fp32 master weights and gradient reduction
+    overrides: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 5000
+    keep_last: int = 3
+    export: bool = True  # write EMA and raw weights as from_pretrained folders beside each checkpoint
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    sample_every_steps: int = 1000
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat sitting on a wooden table"])
+    sample_edits: list[dict] = field(default_factory=list)  # {"image": path, "instruction": text}
+    caption_images: list[str] = field(default_factory=list)
+    sample_steps: int = 28
+    caption_steps: int = 32
+    guidance_scale: float = 7.0
+    peak_tflops: float = 989.0  # the GPU's dense bf16 peak, for the MFU estimate (H100 SXM: 989)
+
+
+@dataclass
+class TrainConfig:
+    work_dir: str = "runs/unialignment"
+    seed: int = 0
+    max_steps: int = 80_000
+    resume_from: str | None = "auto"  # "auto": the run folder's latest checkpoint if any; a path; None
+    ema_decay: float = 0.9995  # 0 switches EMA off
+    max_nonfinite_in_a_row: int = 20
+    model: ModelConfig = field(default_factory=ModelConfig)
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_value(value: Any, annotation: Any, where: str) -> Any:
+    """`value` converted to `annotation`, or a ConfigError naming `where`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (dict), got {type(value).__name__}")
+        return build_section(annotation, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item = args[0] if args else Any
+        return origin(_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a dict, got {type(value).__name__}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_section(cls: type, values: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from `values`, strictly: every key known, every value of its declared type."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    converted = {key: _check_value(value, hints[key], f"{where}.{key}") for key, value in values.items()}
+    return cls(**converted)
+
+
+def parse_override(text: str) -> Any:
+    """A command-line value: a Python literal (numbers, true/false, None, lists, dicts) or a plain string."""
+    aliases = {"true": True, "false": False, "null": None, "none": None}
+    if text.lower() in aliases:
+        return aliases[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return float(text)  # "nan", "inf": not Python literals, but floats
+    except ValueError:
+        return text
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Merge an mmengine config file with its bases and dotted-key overrides, then check it strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    config = Config.fromfile(str(path))
+    if overrides:
+        config.merge_from_dict(overrides)
+    values = {key: value for key, value in config.to_dict().items() if not key.startswith("_")}
+    return build_section(TrainConfig, values, where=path.name)
