@@ -211,7 +211,9 @@ def initial_ids_from_prompt(
 
 
 def _gumbel_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    uniform = torch.rand(shape, generator=generator, device=device)
+    # Drawn where the generator lives (a CPU generator is common, also for GPU sampling), then moved.
+    draw_device = generator.device if generator is not None else device
+    uniform = torch.rand(shape, generator=generator, device=draw_device).to(device)
     # clamp: keeps the noise finite (u = 0 would give -inf).
     uniform = uniform.clamp_min(torch.finfo(uniform.dtype).tiny)
     return -torch.log(-torch.log(uniform))

@@ -192,7 +192,7 @@ def generate_captions(
     (default the T5 length), with the question's tokens kept clean for VQA. Returned texts stop at the first
     `</s>` and leave out the question.
 
-    generator: must live on the model's device, where the sampler draws its Gumbel noise.
+    generator: a CPU or device generator for the sampler's Gumbel noise.
     """
     t5 = components.t5
     length = t5.max_length if length is None else length
