@@ -19,7 +19,8 @@ model = dict(
         caption_projection_dim=16,
         pooled_projection_dim=6,
         pos_embed_max_size=16,
-        vocab_size=246,  # len(tokenizer) of runs/debug_assets/components/tokenizer (scripts/make_debug_assets.py)
+        # vocab_size is left out: a fresh model's text head takes len(tokenizer), which depends on the
+        # sentencepiece version that trained the tiny tokenizer.
         teacher_dim=32,  # the tiny teacher's vision out_hidden_size
         alignment_hidden_dim=20,
         num_null_image_tokens=3,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from unialignment.models import UniAlignmentTransformer
 from unialignment.toy.components import load_tiny_components
 from unialignment.training.config import BatchConfig, ConfigError, TrainConfig, load_config, parse_override
+from unialignment.training.trainer import build_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -105,7 +105,8 @@ def test_debug_config_fits_the_debug_assets(tmp_path):
         assert (tmp_path / path.removeprefix(DEBUG_ASSETS + "/")).exists(), path
 
     components = load_tiny_components(assets.components)
-    model = UniAlignmentTransformer(**config.model.config)
+    model, _ = build_transformer(config, components.t5.vocab_size)  # what the trainer builds
+    assert "vocab_size" not in config.model.config  # it must follow the tokenizer, not a number
     assert model.config.vocab_size == components.t5.vocab_size
     assert model.config.joint_attention_dim == components.t5.hidden_size
     assert model.config.in_channels == model.config.out_channels == components.vae.latent_channels
