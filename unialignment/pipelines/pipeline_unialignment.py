@@ -1,0 +1,601 @@
+"""UniAlignmentPipeline: one MMDiT for text-to-image, editing and perception, composition, captioning and VQA.
+
+UniAlignment (Song et al. 2025, arXiv:2509.23760) samples images with the image stream (rectified flow, Euler over
+the scheduler's sigmas, classifier-free guidance; SPEC section 3) and texts with the text stream (MDLM ancestral
+sampling with the SUBS parameterisation and the no-change cache; SPEC section 4). Each task is its own method;
+`__call__` is text-to-image, as in every diffusers text-to-image pipeline.
+
+Everything is derived from the five registered components: the latent scaling from `vae.config`, the VAE
+downsampling from `vae.config.block_out_channels`, the mask token from the tokenizer, the sigmas from the
+scheduler's own config (SD3-medium ships shift 3.0; training used shift 1.0), the prompt length from the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
+
+from unialignment.data.tokenization import tokenize_captions
+from unialignment.data.transforms import resize_and_center_crop, to_pixels
+from unialignment.diffusion.flow_matching import sample_rectified_flow
+from unialignment.diffusion.masked_diffusion import initial_ids_from_prompt, sample_masked_diffusion
+from unialignment.frozen.text_encoder import MAX_TEXT_LENGTH, FrozenT5, load_mask_embedding, load_t5_tokenizer
+from unialignment.frozen.vae import pixels_to_pil
+from unialignment.models import UniAlignmentTransformer
+
+logger = logging.get_logger(__name__)
+
+NULL_PROMPT = " "  # the unconditional prompt of training's condition dropout: the default negative prompt
+OUTPUT_TYPES = ("pil", "np", "latent")
+MASK_EMBEDDING_FILE = "mask_token_emb.00-of-01.pth"  # the authors' learned mask-token embedding
+
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass
+class UniAlignmentImageOutput(BaseOutput):
+    """images: "pil": a list of RGB images; "np": (N, H, W, 3) float32 in [0, 1]; "latent": (N, C, h, w) scaled
+    latents, as the transformer sees them."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+@dataclass
+class UniAlignmentTextOutput(BaseOutput):
+    """texts: one caption or answer per image, without the question, `</s>`, padding or mask tokens."""
+
+    texts: list[str]
+
+
+class UniAlignmentPipeline(DiffusionPipeline):
+    """Text-to-image (`text_to_image`, also `__call__`), instruction editing and perception (`edit`), composition
+    (`compose`), captioning (`caption`) and visual question answering (`answer`) with one UniAlignment transformer.
+
+    Reproducibility: initial noise comes from `randn_tensor`, so `generator` may be one generator or a list with one
+    per image, on the CPU or on the device. With a list, a batched call gives each image what a call for that image
+    alone with its generator gives; one generator for a batch draws the batch's noise in one go, which differs.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        transformer: UniAlignmentTransformer,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self._check_components()
+
+    # --- what the components imply ------------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Spatial downsampling of the VAE: 8 for SD3's four-level encoder."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this: VAE downsampling x transformer patch size (16 for SD3)."""
+        return self.vae_scale_factor * self.transformer.config.patch_size
+
+    @property
+    def text_max_length(self) -> int:
+        """Prompt length in T5 tokens: 256 as in SD3 and in training, or `tokenizer.model_max_length` when that is
+        shorter (SD3's tokenizer says 512, tokenizers without a limit say ~1e30, so the 256 cap decides for both)."""
+        return min(MAX_TEXT_LENGTH, self.tokenizer.model_max_length)
+
+    def _frozen_t5(self) -> FrozenT5:
+        # The training code's view of the tokenizer and encoder, so prompts are tokenized as in training and texts
+        # decoded as the trainer decodes them. Built per call: cheap, and never stale after a component is swapped.
+        return FrozenT5(self.tokenizer, self.text_encoder, max_length=self.text_max_length)
+
+    def _check_components(self) -> None:
+        transformer_config = self.transformer.config
+        if transformer_config.in_channels != self.vae.config.latent_channels:
+            raise ValueError(
+                f"The transformer takes {transformer_config.in_channels} latent channels but the VAE makes "
+                f"{self.vae.config.latent_channels}."
+            )
+        if transformer_config.joint_attention_dim != self.text_encoder.config.d_model:
+            raise ValueError(
+                f"The transformer reads {transformer_config.joint_attention_dim}-wide text states but the text encoder "
+                f"makes {self.text_encoder.config.d_model}."
+            )
+        if transformer_config.vocab_size != len(self.tokenizer):
+            raise ValueError(
+                f"The transformer's text head has {transformer_config.vocab_size} entries but the tokenizer has "
+                f"{len(self.tokenizer)} tokens."
+            )
+        self._frozen_t5()  # pad = EOS, a mask token, an encoder that embeds every token id
+
+    # --- loading ----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' reading of `model_index.json`, with the pipeline and transformer entries made ours.
+
+        The authors' index names their own pipeline class and `SD3JointModelFlexible` from a library we do not have.
+        Passing our transformer to `from_pretrained` is not enough: diffusers still imports the index's library to
+        check the object's type. `from_pretrained` loads the transformer itself, so the index is read as naming ours;
+        the pipeline class is ours too, so no code named by a folder is ever imported.
+        """
+        loaded = super().load_config(pretrained_model_name_or_path, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if "transformer" in config:
+            config["_class_name"] = cls.__name__
+            config["transformer"] = [UniAlignmentTransformer.__module__, UniAlignmentTransformer.__name__]
+        return loaded
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        torch_dtype: torch.dtype | None = None,
+        mask_embedding: str | Path | None = "auto",
+        **kwargs,
+    ) -> UniAlignmentPipeline:
+        """Load a local pipeline folder: ours (`save_pretrained`) or the authors' released layout.
+
+        The transformer is loaded strictly with `UniAlignmentTransformer.from_pretrained` (the authors' config names
+        `SD3JointModelFlexible`) and the tokenizer with `load_t5_tokenizer` (pad = EOS); pass `transformer=` or
+        `tokenizer=` to use objects of your own. Scheduler, VAE and text encoder load through diffusers.
+
+        mask_embedding: "auto" loads the folder's `mask_token_emb.00-of-01.pth` when there is one; a path loads that
+            file (it must exist); None keeps the text encoder's own row. The embedding replaces the mask token's row
+            of the text encoder's input embedding.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a local pipeline folder: it has no model_index.json.")
+        if kwargs.get("transformer") is None:
+            kwargs["transformer"] = UniAlignmentTransformer.from_pretrained(
+                path / "transformer", torch_dtype=torch_dtype
+            )
+        if kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = load_t5_tokenizer(path / "tokenizer")
+        pipeline = super().from_pretrained(path, dtype=torch_dtype, **kwargs)
+
+        if mask_embedding == "auto":
+            mask_embedding = path / MASK_EMBEDDING_FILE if (path / MASK_EMBEDDING_FILE).is_file() else None
+        if mask_embedding is not None:
+            embedding_weight = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, d_model)
+            mask_vector = load_mask_embedding(mask_embedding, embedding_weight.shape[1])
+            with torch.no_grad():
+                embedding_weight[pipeline._frozen_t5().mask_token_id] = mask_vector.to(embedding_weight)
+        return pipeline
+
+    # --- image tasks ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 7.0,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        output_type: str = "pil",
+    ) -> UniAlignmentImageOutput:
+        """Images from prompts: `num_images_per_prompt` per prompt, in prompt order.
+
+        negative_prompt: the unconditional half of classifier-free guidance, one for all prompts or one per prompt;
+            default the null prompt " ", as in training's condition dropout. guidance_scale <= 1 turns guidance off.
+        generator: one generator, or one per image (len(prompts) x num_images_per_prompt).
+        """
+        prompts = _texts(prompt, "prompt")
+        return self._generate_images(
+            prompts,
+            negative_prompt,
+            None,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            output_type=output_type,
+        )
+
+    __call__ = text_to_image
+
+    @torch.no_grad()
+    def edit(
+        self,
+        image: PIL.Image.Image | list[PIL.Image.Image],
+        instruction: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 9.0,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        output_type: str = "pil",
+    ) -> UniAlignmentImageOutput:
+        """Instruction editing and perception ("Provide a depth map of the scene."): one instruction per source image.
+
+        Each source is resized and centre-cropped to (height, width), as in training, and its clean latent is the
+        condition of both guidance halves: guidance contrasts the instruction with the null prompt, not the image.
+        """
+        images = _images(image, "image")
+        instructions = _texts(instruction, "instruction")
+        _check_same_length("image", images, "instruction", instructions)
+        conditions = [[source] for source in images]
+        return self._generate_images(
+            instructions,
+            negative_prompt,
+            conditions,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            output_type=output_type,
+        )
+
+    @torch.no_grad()
+    def compose(
+        self,
+        images: list[PIL.Image.Image] | list[list[PIL.Image.Image]],
+        instruction: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 9.0,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        output_type: str = "pil",
+    ) -> UniAlignmentImageOutput:
+        """Composition of k source images: `images` is one composition (a list of k images) or a batch of them (a
+        list of such lists, the same k each), with one instruction per composition. The k clean latents are the
+        conditions, in order, of both guidance halves."""
+        compositions = _compositions(images)
+        instructions = _texts(instruction, "instruction")
+        _check_same_length("composition", compositions, "instruction", instructions)
+        return self._generate_images(
+            instructions,
+            negative_prompt,
+            compositions,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            output_type=output_type,
+        )
+
+    def _generate_images(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        condition_images: list[list[PIL.Image.Image]] | None,
+        *,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        generator: Generator,
+        output_type: str,
+    ) -> UniAlignmentImageOutput:
+        """Rectified-flow sampling shared by the image tasks; condition_images: k sources per prompt, or None."""
+        # 1. check inputs
+        self._check_size(height, width)
+        _check_positive(num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        negative_prompts = _negative_prompts(negative_prompt, len(prompts))
+        batch_size = len(prompts) * num_images_per_prompt
+        _check_generators(generator, batch_size)
+        device, dtype = self._execution_device, self.transformer.dtype
+        use_guidance = guidance_scale > 1.0
+
+        # 2. encode prompts: [negative; positive] in one batch, the order `sample_rectified_flow` expects
+        prompt_embeds = self._encode_texts(negative_prompts + prompts if use_guidance else prompts, device, dtype)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+        # 3. encode condition images: clean latents, the same in both guidance halves
+        condition_latents = None
+        if condition_images is not None:
+            condition_latents = self._encode_compositions(condition_images, height, width, device, dtype)
+            condition_latents = [
+                latents.repeat_interleave(num_images_per_prompt, dim=0) for latents in condition_latents
+            ]
+            if use_guidance:
+                condition_latents = [torch.cat([latents, latents]) for latents in condition_latents]
+
+        # 4. prepare the initial noise; float32 so the Euler steps accumulate in full precision in any model dtype
+        latent_shape = (
+            batch_size,
+            self.transformer.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
+
+        # 5. denoise
+        def velocity(latent_input: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            output = self.transformer(
+                hidden_states=latent_input.to(dtype),
+                encoder_hidden_states=prompt_embeds,
+                timestep=timesteps,
+                condition_latents=condition_latents,
+            )
+            return output.velocity.float()
+
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            latents = sample_rectified_flow(
+                velocity, latents, self.scheduler, num_inference_steps, guidance_scale, progress=_ticking(progress_bar)
+            )
+
+        # 6. decode
+        images = latents if output_type == "latent" else self._decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        return UniAlignmentImageOutput(images=images)
+
+    # --- text tasks -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def caption(
+        self,
+        image: PIL.Image.Image | list[PIL.Image.Image],
+        length: int = 256,
+        num_inference_steps: int = 64,
+        height: int = 512,
+        width: int = 512,
+        generator: Generator = None,
+    ) -> UniAlignmentTextOutput:
+        """A caption per image from the text stream: `length` mask tokens denoised in `num_inference_steps` steps,
+        with the clean image (resized and centre-cropped to (height, width)) in the image stream at timestep 0.
+
+        generator: one generator for the batch, or one per image. The masked-diffusion sampler draws its noise for
+            a whole batch from one generator, so a list runs the sampler once per image, each with its own generator.
+        """
+        return self._sample_texts(_images(image, "image"), None, length, num_inference_steps, height, width, generator)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        image: PIL.Image.Image | list[PIL.Image.Image],
+        question: str | list[str],
+        length: int = 256,
+        num_inference_steps: int = 64,
+        height: int = 512,
+        width: int = 512,
+        generator: Generator = None,
+    ) -> UniAlignmentTextOutput:
+        """An answer per (image, question): the question's tokens are the clean prefix of the `length` text tokens
+        (the prompted variant of training), the rest is sampled; only the answer is returned. See `caption`."""
+        images = _images(image, "image")
+        questions = _texts(question, "question")
+        _check_same_length("image", images, "question", questions)
+        return self._sample_texts(images, questions, length, num_inference_steps, height, width, generator)
+
+    def _sample_texts(
+        self,
+        images: list[PIL.Image.Image],
+        questions: list[str] | None,
+        length: int,
+        num_inference_steps: int,
+        height: int,
+        width: int,
+        generator: Generator,
+    ) -> UniAlignmentTextOutput:
+        """Masked-diffusion sampling shared by the text tasks; questions: the clean prefix of each text, or None."""
+        # 1. check inputs
+        self._check_size(height, width)
+        _check_positive(num_inference_steps=num_inference_steps)
+        _check_generators(generator, len(images))
+        device, dtype = self._execution_device, self.transformer.dtype
+        t5 = self._frozen_t5()
+
+        # 2. encode the images: clean latents, the text stream's image at timestep 0
+        image_latents = self._encode_images(images, height, width, device, dtype)
+
+        # 3. prepare the text: all mask tokens after the question. An empty answer after each question makes the
+        # score mask mark every position after it.
+        prompt = tokenize_captions(self.tokenizer, [""] * len(images), questions, max_length=length)
+        if prompt.num_truncated:
+            logger.warning(f"{prompt.num_truncated} question(s) cut to fit {length} tokens with room for an answer.")
+        question_mask = ~prompt.score_mask
+        initial_ids = initial_ids_from_prompt(prompt.input_ids, question_mask, t5.mask_token_id).to(device)
+
+        # 4. denoise
+        def text_logits_for(row_latents: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+            timestep = torch.zeros(row_latents.shape[0], device=device)
+
+            def text_logits(noisy_ids: torch.Tensor) -> torch.Tensor:
+                noisy_text_embeds = self.text_encoder(noisy_ids).last_hidden_state.to(dtype)
+                output = self.transformer(
+                    hidden_states=row_latents,
+                    encoder_hidden_states=noisy_text_embeds,
+                    timestep=timestep,
+                    return_velocity=False,
+                    return_text_logits=True,
+                )
+                return output.text_logits.float()
+
+            return text_logits
+
+        # One sampler run for the batch, or one per image with a generator per image: the sampler draws its noise
+        # for a whole batch from one generator.
+        if isinstance(generator, list):
+            runs = [(slice(row, row + 1), row_generator) for row, row_generator in enumerate(generator)]
+        else:
+            runs = [(slice(None), generator)]
+        with self.progress_bar(total=num_inference_steps * len(runs)) as progress_bar:
+            samples = [
+                sample_masked_diffusion(
+                    text_logits_for(image_latents[rows]),
+                    initial_ids[rows],
+                    t5.mask_token_id,
+                    num_inference_steps,
+                    generator=run_generator,
+                    progress=_ticking(progress_bar),
+                )
+                for rows, run_generator in runs
+            ]
+        sampled_ids = torch.cat([sample.token_ids for sample in samples])
+
+        # 5. decode the answers: the question positions are dropped, then everything from the first `</s>` on
+        question_lengths = question_mask.sum(dim=1).tolist()
+        answer_ids = [ids[n:] for ids, n in zip(sampled_ids.tolist(), question_lengths, strict=True)]
+        texts = t5.decode(answer_ids)
+        self.maybe_free_model_hooks()
+        return UniAlignmentTextOutput(texts=texts)
+
+    # --- components at work -----------------------------------------------------------------------------------------
+
+    def _check_size(self, height: int, width: int) -> None:
+        multiple, patch_size = self.size_multiple, self.transformer.config.patch_size
+        max_patches = self.transformer.config.pos_embed_max_size
+        for name, side in (("height", height), ("width", width)):
+            if not isinstance(side, int) or side <= 0 or side % multiple:
+                raise ValueError(
+                    f"{name} must be a positive multiple of {multiple} (VAE downsampling {self.vae_scale_factor} x "
+                    f"patch size {patch_size}), got {side!r}."
+                )
+            if max_patches is not None and side > max_patches * multiple:
+                raise ValueError(
+                    f"{name} {side} is larger than the transformer's positional embedding covers "
+                    f"({max_patches} patches = {max_patches * multiple} pixels)."
+                )
+
+    def _encode_texts(self, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """T5 states (N, text_max_length, D), padded with EOS and encoded without an attention mask, as in training
+        and in SD3's pipeline."""
+        tokens = self._frozen_t5().tokenize(texts)
+        if tokens.num_truncated:
+            logger.warning(f"{tokens.num_truncated} prompt(s) longer than {self.text_max_length} T5 tokens were cut.")
+        return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state.to(dtype)
+
+    def _encode_images(
+        self, images: list[PIL.Image.Image], height: int, width: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Images resized and centre-cropped to (height, width), as in training -> scaled latents (N, C, h, w).
+
+        The posterior mean, not a draw: a condition or captioned image should be the image itself, not a noisy copy.
+        """
+        pixels = torch.stack([to_pixels(resize_and_center_crop(image, height, width)) for image in images])
+        raw_latents = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist.mean
+        shift_factor = self.vae.config.shift_factor or 0.0  # SD1/2-style VAEs have none
+        return ((raw_latents - shift_factor) * self.vae.config.scaling_factor).to(dtype)
+
+    def _encode_compositions(
+        self,
+        compositions: list[list[PIL.Image.Image]],
+        height: int,
+        width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> list[torch.Tensor]:
+        """B compositions of k images -> k condition latents (B, C, h, w), encoded in one VAE batch."""
+        num_sources = len(compositions[0])
+        flat = [image for composition in compositions for image in composition]
+        latents = self._encode_images(flat, height, width, device, dtype)
+        return list(latents.unflatten(0, (len(compositions), num_sources)).unbind(dim=1))
+
+    def _decode_latents(self, latents: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray:
+        shift_factor = self.vae.config.shift_factor or 0.0
+        raw_latents = latents / self.vae.config.scaling_factor + shift_factor
+        pixels = self.vae.decode(raw_latents.to(self.vae.dtype)).sample.clamp(-1.0, 1.0)  # (N, 3, H, W)
+        if output_type == "pil":
+            return pixels_to_pil(pixels)
+        return ((pixels.float() + 1.0) / 2.0).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --- input checks --------------------------------------------------------------------------------------------------
+
+
+def _texts(texts: str | Sequence[str], name: str) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError(f"{name} is an empty list; pass at least one.")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}] must be a string, got {type(text).__name__}.")
+        if not text.strip():
+            raise ValueError(f"{name}[{index}] is empty ({text!r}); give a non-empty {name}.")
+    return texts
+
+
+def _images(images: PIL.Image.Image | Sequence[PIL.Image.Image], name: str) -> list[PIL.Image.Image]:
+    images = [images] if isinstance(images, PIL.Image.Image) else list(images)
+    if not images:
+        raise ValueError(f"{name} is an empty list; pass at least one image.")
+    for index, image in enumerate(images):
+        if not isinstance(image, PIL.Image.Image):
+            raise TypeError(f"{name}[{index}] must be a PIL image, got {type(image).__name__}.")
+    return images
+
+
+def _compositions(images: Sequence[PIL.Image.Image] | Sequence[Sequence[PIL.Image.Image]]) -> list[list]:
+    if isinstance(images, PIL.Image.Image) or not images:
+        raise ValueError("images must be a non-empty list of PIL images (one composition) or a list of such lists.")
+    compositions = [images] if isinstance(images[0], PIL.Image.Image) else images
+    compositions = [_images(composition, f"images[{index}]") for index, composition in enumerate(compositions)]
+    num_sources = sorted({len(composition) for composition in compositions})
+    if len(num_sources) > 1:
+        raise ValueError(f"every composition of a batch needs the same number of source images, got {num_sources}.")
+    return compositions
+
+
+def _negative_prompts(negative_prompt: str | Sequence[str] | None, batch_size: int) -> list[str]:
+    if negative_prompt is None:
+        return [NULL_PROMPT] * batch_size
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch_size
+    negative_prompts = list(negative_prompt)
+    if len(negative_prompts) != batch_size:
+        raise ValueError(
+            f"got {len(negative_prompts)} negative prompts for {batch_size} prompts; pass one or one each."
+        )
+    return negative_prompts
+
+
+def _check_same_length(name: str, items: list, other_name: str, others: list) -> None:
+    if len(items) != len(others):
+        raise ValueError(f"got {len(items)} {name}(s) and {len(others)} {other_name}(s); pass one {other_name} each.")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_generators(generator: Generator, batch_size: int) -> None:
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"got {len(generator)} generators for {batch_size} outputs; pass one generator or one each.")
+
+
+def _ticking(progress_bar) -> Callable[[Iterable], Iterator]:
+    """A `progress` callable for the samplers: passes their steps through and ticks the bar once per step."""
+
+    def progress(steps: Iterable) -> Iterator:
+        for step in steps:
+            yield step
+            progress_bar.update()
+
+    return progress
