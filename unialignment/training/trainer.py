@@ -9,6 +9,7 @@ exact resume needs; exports are ordinary `from_pretrained` folders. Only rank 0 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -34,13 +35,13 @@ from unialignment.frozen.text_encoder import FrozenT5
 from unialignment.frozen.vae import FrozenVAE
 from unialignment.models import UniAlignmentTransformer
 from unialignment.models.sd3_init import init_from_sd3
+from unialignment.pipelines import UniAlignmentPipeline, image_grid
 from unialignment.training import checkpoint as ckpt
 from unialignment.training.config import ConfigError, TrainConfig
 from unialignment.training.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, init_distributed
 from unialignment.training.ema import ShardedEMA
 from unialignment.training.flops import training_flops_per_sample
 from unialignment.training.objective import UniAlignmentObjective
-from unialignment.training.samples import edit_images, generate_captions, generate_images, image_grid
 
 logger = logging.getLogger("unialignment.train")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -217,14 +218,17 @@ class Trainer:
     # --- set-up ----------------------------------------------------------------------------------------------
 
     def _set_up_run_folder(self) -> None:
-        handlers: list[logging.Handler] = []
         if self.ctx.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             # The merged, checked config, so a run folder says exactly what ran.
             Config(self.config.to_dict()).dump(str(self.work_dir / "config.py"))
             handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(self.work_dir / "train.log")]
+        else:  # other ranks speak only to warn (a replaced sample, a skipped step), so nothing they see is lost
+            handlers = [logging.StreamHandler(sys.stderr)]
         for handler in handlers:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+            handler.setFormatter(
+                logging.Formatter(f"%(asctime)s rank{self.ctx.rank} %(levelname)s %(message)s", "%H:%M:%S")
+            )
             logger.addHandler(handler)
         logger.setLevel(logging.INFO if self.ctx.is_main else logging.WARNING)
         logger.propagate = False
@@ -477,43 +481,42 @@ class Trainer:
             return
         settings, resolution = self.config.logging, self.config.data.resolution
         folder = self.work_dir / "samples" / ckpt.tag_for_step(self.step)
+        t5 = self.components.t5
+        # The pipeline encodes prompts to the tokenizer's model_max_length (at most 256); a copy that says the
+        # training length makes samples see prompts as training does, and leaves the shared tokenizer alone.
+        tokenizer = copy.copy(t5.tokenizer)
+        tokenizer.model_max_length = t5.max_length
+        pipeline = UniAlignmentPipeline(
+            transformer=self.engine.module,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=self.components.vae.vae,
+            text_encoder=t5.encoder,
+            tokenizer=tokenizer,
+        )
+        pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(self.config.seed)
-        model = self.engine.module
+        size = dict(height=resolution, width=resolution)
+        image_settings = dict(
+            size, num_inference_steps=settings.sample_steps, guidance_scale=settings.guidance_scale, generator=generator
+        )
+        self.engine.eval()
         outputs = {}
         if settings.sample_prompts:
-            outputs["t2i"] = generate_images(
-                model,
-                self.components,
-                settings.sample_prompts,
-                resolution,
-                resolution,
-                settings.sample_steps,
-                settings.guidance_scale,
-                generator,
-            )
+            outputs["t2i"] = pipeline.text_to_image(settings.sample_prompts, **image_settings).images
         if settings.sample_edits:
             from PIL import Image
 
             sources = [Image.open(edit["image"]).convert("RGB") for edit in settings.sample_edits]
-            outputs["edit"] = edit_images(
-                model,
-                self.components,
-                sources,
-                [edit["instruction"] for edit in settings.sample_edits],
-                resolution,
-                resolution,
-                settings.sample_steps,
-                settings.guidance_scale,
-                generator,
-            )
+            instructions = [edit["instruction"] for edit in settings.sample_edits]
+            outputs["edit"] = pipeline.edit(sources, instructions, **image_settings).images
         captions = []
         if settings.caption_images:
             from PIL import Image
 
             images = [Image.open(path).convert("RGB") for path in settings.caption_images]
-            captions = generate_captions(
-                model, self.components, images, resolution, resolution, settings.caption_steps, generator=generator
-            )
+            captions = pipeline.caption(
+                images, length=t5.max_length, num_inference_steps=settings.caption_steps, generator=generator, **size
+            ).texts
         self.engine.train()
         if not self.ctx.is_main:
             return
