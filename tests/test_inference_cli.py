@@ -1,0 +1,180 @@
+"""`inference.py` and `scripts/export_pipeline.py` end to end, in subprocesses, on a tiny pipeline saved once.
+
+A subprocess costs several seconds of start-up, so one `--jobs` run covers every task and most checks."""
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from mmengine.config import Config
+from PIL import Image
+from transformers import T5EncoderModel
+
+from unialignment.frozen.text_encoder import load_t5_tokenizer, mask_token_id
+from unialignment.pipelines import UniAlignmentPipeline
+from unialignment.toy.components import make_tiny_components
+from unialignment.toy.shapes import ShapeScene, draw_scene
+from unialignment.toy.transformer import make_tiny_transformer
+from unialignment.training.checkpoint import point_export, tag_for_step
+from unialignment.training.config import ComponentsConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--size", "32", "--steps", "2"]
+
+
+def _run(*arguments: str, script: str = "inference.py") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *map(str, arguments)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _assert_png(path: Path, size: int = 32) -> None:
+    with Image.open(path) as image:
+        assert (image.format, image.size, image.mode) == ("PNG", (size, size), "RGB")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny pipeline, a run folder as the trainer leaves it (merged config.py and export/), and images."""
+    root = tmp_path_factory.mktemp("inference")
+    folders = make_tiny_components(root / "components")
+    tokenizer = load_t5_tokenizer(folders.tokenizer)
+    transformer = make_tiny_transformer(
+        in_channels=4, out_channels=4, joint_attention_dim=32, vocab_size=len(tokenizer), teacher_dim=32
+    )
+    pipe = UniAlignmentPipeline(
+        transformer,
+        FlowMatchEulerDiscreteScheduler(),
+        AutoencoderKL.from_pretrained(folders.vae),
+        T5EncoderModel.from_pretrained(folders.text_encoder),
+        tokenizer,
+    )
+    pipe.save_pretrained(root / "pipeline")
+
+    run = root / "run"
+    mask_embedding = root / "mask_embedding.pth"
+    torch.save(torch.randn(32), mask_embedding)
+    components = ComponentsConfig(
+        tokenizer=str(folders.tokenizer),
+        text_encoder=str(folders.text_encoder),
+        vae=str(folders.vae),
+        mask_embedding=str(mask_embedding),
+        dtype="float32",
+    )
+    run.mkdir()
+    Config(TrainConfig(work_dir=str(run), components=components).to_dict()).dump(str(run / "config.py"))
+    tag = tag_for_step(2)
+    transformer.save_pretrained(run / "export" / tag / "ema")
+    make_tiny_transformer(
+        seed=1, in_channels=4, out_channels=4, joint_attention_dim=32, vocab_size=len(tokenizer), teacher_dim=32
+    ).save_pretrained(run / "export" / tag / "raw")
+    point_export(run, tag)
+
+    images = root / "images"
+    images.mkdir()
+    draw_scene(ShapeScene("red", "square", "left")).save(images / "red.png")
+    draw_scene(ShapeScene("blue", "circle", "middle")).save(images / "blue.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    return SimpleNamespace(root=root, pipeline=root / "pipeline", run=run, images=images, mask=mask_embedding)
+
+
+def test_jobs_run_every_task_and_report_bad_lines(tiny):
+    folder = tiny.root / "jobs"
+    folder.mkdir()
+    red, blue = tiny.images / "red.png", tiny.images / "blue.png"
+    jobs = [
+        {"task": "t2i", "prompt": ["a red square on the left", "a blue circle"], "num_images": 2, "output": "t2i"},
+        {"task": "t2i", "prompt": "a red square on the left", "seed": 7, "output": "seeded.png"},
+        {"task": "edit", "image": str(red), "instruction": "Make the square green.", "output": "edit.png"},
+        {"task": "perception", "image": str(red), "map": "depth", "output": "depth/"},
+        {"task": "compose", "images": [str(red), str(blue)], "instruction": "Put them together.", "output": "c.png"},
+        {"task": "caption", "image": str(blue), "length": 8, "output": "caption.txt"},
+        {"task": "vqa", "image": str(blue), "question": "What colour is the circle?", "length": 8, "output": "a.jsonl"},
+        {"task": "edit", "image": "missing.png", "instruction": "Make it red.", "output": "never.png"},  # line 8
+        {"task": "edit", "image": str(tiny.images / "broken.png"), "instruction": "Recolour.", "output": "no.png"},
+    ]
+    (folder / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs) + "not json\n")
+
+    result = _run("--model", tiny.pipeline, "--jobs", folder / "jobs.jsonl", "--seed", "0", *FAST)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    assert f"jobs.jsonl:8: error: argument --image: no such file: {folder / 'missing.png'}" in result.stderr
+    assert "jobs.jsonl:9: error: cannot read image" in result.stderr and "broken.png" in result.stderr
+    assert "jobs.jsonl:10: error: not a JSON object" in result.stderr
+    assert "3 of 10 job(s) failed" in result.stderr
+    assert not (folder / "never.png").exists() and not (folder / "no.png").exists()
+
+    assert sorted(p.name for p in (folder / "t2i").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    for path in [*(folder / "t2i").iterdir(), folder / "seeded.png", folder / "edit.png", folder / "c.png"]:
+        _assert_png(path)
+    _assert_png(folder / "depth" / "00000.png")
+    assert (folder / "caption.txt").read_text().strip()
+    answer = json.loads((folder / "a.jsonl").read_text())
+    assert answer["question"] == "What colour is the circle?" and answer["text"].strip()
+    assert not list(folder.rglob("*.tmp"))
+
+    # The same seeded job from the command line, in another process, gives the same bytes.
+    single = tiny.root / "single" / "seeded.png"
+    prompt = jobs[1]["prompt"]
+    _ok(_run("t2i", "--model", tiny.pipeline, "--prompt", prompt, "--seed", "7", "--output", single, *FAST))
+    assert single.read_bytes() == (folder / "seeded.png").read_bytes()
+
+
+def test_caption_from_a_run_folder_to_stdout(tiny):
+    result = _ok(_run("caption", "--model", tiny.run, "--image", tiny.images / "blue.png", "--length", "8", *FAST))
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["t2i", "--prompt", "a red square", "--size", "30"], "multiples of 16"),
+        (["t2i", "--prompt", "   "], "argument --prompt: must not be empty"),
+        (["edit", "--image", "missing.png", "--instruction", "Make it red."], "no such file: missing.png"),
+        (["edit", "--image", "{images}/broken.png", "--instruction", "Make it red."], "cannot read image"),
+        (["t2i", "--prompt", "a", "--num-images", "2"], "is one file but this makes 2 images"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_error_line(tiny, arguments, message):
+    arguments = [a.format(images=tiny.images) for a in arguments]
+    output = tiny.root / "mistakes" / "out.png"
+    result = _run(*arguments, "--model", tiny.pipeline, "--output", output)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    assert not output.parent.exists()
+
+
+def test_export_pipeline_from_a_run(tiny, capsys):
+    out = tiny.root / "exported"
+    _ok(_run("--run", tiny.run, "--out", out, script="scripts/export_pipeline.py"))
+    assert (out / "mask_token_emb.00-of-01.pth").is_file()
+    pipe = UniAlignmentPipeline.from_pretrained(out)
+    expected = UniAlignmentPipeline.from_pretrained(tiny.pipeline).transformer.state_dict()  # the same EMA weights
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in pipe.transformer.state_dict().items())
+    mask_row = pipe.text_encoder.get_input_embeddings().weight[mask_token_id(pipe.tokenizer)]
+    assert torch.equal(mask_row, torch.load(tiny.mask, weights_only=True))
+
+    export = runpy.run_path(str(REPO / "scripts" / "export_pipeline.py"), run_name="export_pipeline")["main"]
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit) as refused:
+        export(["--run", str(tiny.run), "--out", str(out)])
+    assert refused.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    export(["--run", str(tiny.run), "--weights", "raw", "--out", str(out), "--overwrite"])
+    raw = UniAlignmentPipeline.from_pretrained(out).transformer.state_dict()
+    assert not all(torch.equal(tensor, expected[name]) for name, tensor in raw.items())
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
