@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from unialignment.training.flops import training_flops_per_sample, transformer_flops
 
-REFERENCE_CONFIG = Path("/work/shared/reference/unialignment_transformer_config.json")
+REFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unialignment_transformer_config.json"
 SD3_MEDIUM = dict(
     num_layers=24,
     num_attention_heads=24,
