@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from unialignment.data.feature_cache import FeatureCacheReader
 from unialignment.data.jsonl_index import JsonlIndex, check_bad_fraction, write_skip_report
-from unialignment.data.records import Record, TaskKind
+from unialignment.data.records import TaskKind
 from unialignment.data.sampler import SampleKey
 from unialignment.data.transforms import check_size, make_buckets, nearest_bucket, prepare_images
 
@@ -89,18 +89,14 @@ class TaskGroup:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def locate(self, record_id: int) -> tuple[JsonlIndex, int]:
-        """The file's index and the row within it of a group-local record id."""
+    def locate(self, record_id: int) -> tuple[int, int]:
+        """(which of the group's files, row within that file's index) of a group-local record id."""
         file_number = int(np.searchsorted(self._starts, record_id, side="right")) - 1
-        return self.indexes[file_number], record_id - int(self._starts[file_number])
-
-    def record(self, record_id: int) -> Record:
-        index, row = self.locate(record_id)
-        return index.read_record(row)
+        return file_number, record_id - int(self._starts[file_number])
 
     def location(self, record_id: int) -> str:
-        index, row = self.locate(record_id)
-        return index.location(row)
+        file_number, row = self.locate(record_id)
+        return self.indexes[file_number].location(row)
 
 
 def build_task_groups(
@@ -205,12 +201,13 @@ class UniAlignmentDataset(Dataset):
 
     def prepare(self, group: TaskGroup, record_id: int, key: SampleKey) -> Sample:
         """Read and prepare one record; raises one of IMAGE_ERRORS when it cannot be read."""
-        index, row = group.locate(record_id)
+        file_number, row = group.locate(record_id)
+        index = group.indexes[file_number]
         record = index.read_record(row)
         readers = self.cache_readers[key.group]
         target_pixels = source_pixels = features = None
         if readers is not None:
-            reader = readers[group.indexes.index(index)]
+            reader = readers[file_number]
             if not reader.valid(row):
                 raise OSError("its images could not be read when the feature cache was written")
             num_sources, features = reader.row(row)

@@ -92,6 +92,9 @@ class FrozenT5:
         self.tokenizer = tokenizer
         self.encoder = encoder.eval().requires_grad_(False)
         self.max_length = max_length
+        # The tokenizer records the length its texts are padded to, so a pipeline built from these components, or
+        # saved from them, encodes prompts exactly as training did.
+        tokenizer.model_max_length = max_length
         self._mask_token_id = mask_token_id(tokenizer)
         if tokenizer.pad_token_id != tokenizer.eos_token_id:
             raise ValueError("The pad token must be the EOS token `</s>`; load with load_t5_tokenizer.")

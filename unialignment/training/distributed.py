@@ -54,20 +54,11 @@ def init_distributed() -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, device)
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalars over ranks, so rank 0 logs the global value rather than its own."""
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum scalars over ranks in one collective, so rank 0 logs global values rather than its own."""
     if not values or not (dist.is_initialized() and dist.get_world_size() > 1):
         return dict(values)
     names = sorted(values)
     tensor = torch.tensor([values[name] for name in names], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
     return dict(zip(names, tensor.tolist(), strict=True))
-
-
-def all_reduce_sum(value: float, device: torch.device) -> float:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item()

@@ -9,7 +9,6 @@ exact resume needs; exports are ordinary `from_pretrained` folders. Only rank 0 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from unialignment.models.sd3_init import init_from_sd3
 from unialignment.pipelines import UniAlignmentPipeline, image_grid
 from unialignment.training import checkpoint as ckpt
 from unialignment.training.config import ConfigError, TrainConfig
-from unialignment.training.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, init_distributed
+from unialignment.training.distributed import DistributedContext, all_reduce_sum, init_distributed
 from unialignment.training.ema import ShardedEMA
 from unialignment.training.flops import training_flops_per_sample
 from unialignment.training.objective import UniAlignmentObjective
@@ -429,9 +428,10 @@ class Trainer:
                 progress.update(1)
                 elapsed = time.perf_counter() - started
                 means = {name: sum(s[name] for s in step_losses) / len(step_losses) for name in step_losses[0]}
-                means = all_reduce_mean(means, self.ctx.device)
-                replaced = all_reduce_sum(replaced, self.ctx.device)
-                flops = all_reduce_sum(flops, self.ctx.device)
+                # One collective per step: loss sums (averaged below), replaced samples and FLOPs over all ranks.
+                totals = all_reduce_sum({**means, "_replaced": replaced, "_flops": flops}, self.ctx.device)
+                replaced, flops = totals.pop("_replaced"), totals.pop("_flops")
+                means = {name: total / self.ctx.world_size for name, total in totals.items()}
                 record = {
                     "step": self.step,
                     **{f"loss/{k}": v for k, v in means.items()},
@@ -482,16 +482,13 @@ class Trainer:
         settings, resolution = self.config.logging, self.config.data.resolution
         folder = self.work_dir / "samples" / ckpt.tag_for_step(self.step)
         t5 = self.components.t5
-        # The pipeline encodes prompts to the tokenizer's model_max_length (at most 256); a copy that says the
-        # training length makes samples see prompts as training does, and leaves the shared tokenizer alone.
-        tokenizer = copy.copy(t5.tokenizer)
-        tokenizer.model_max_length = t5.max_length
+        # FrozenT5 set the tokenizer's model_max_length to the training length, which is what the pipeline reads.
         pipeline = UniAlignmentPipeline(
             transformer=self.engine.module,
             scheduler=FlowMatchEulerDiscreteScheduler(),
             vae=self.components.vae.vae,
             text_encoder=t5.encoder,
-            tokenizer=tokenizer,
+            tokenizer=t5.tokenizer,
         )
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(self.config.seed)
