@@ -1,0 +1,1 @@
+"""Evaluation: SemGen-Bench generation, VLM-judge scoring and the per-task report."""
