@@ -28,6 +28,36 @@ def _field(config: Mapping[str, Any] | Any, name: str) -> int:
     return int(config[name] if isinstance(config, Mapping) else getattr(config, name))
 
 
+def transformer_flops_terms(
+    config: Mapping[str, Any] | Any,
+    image_tokens: int,
+    text_tokens: int,
+    text_head: bool,
+    image_head: bool,
+    condition_tokens: int = 0,
+) -> dict[str, int]:
+    """The terms of `transformer_flops`, keyed by their formula (as in the module docstring), so that a report can
+    print each term next to its value. A head that is not run has no term."""
+    hidden = _field(config, "num_attention_heads") * _field(config, "attention_head_dim")
+    layers = _field(config, "num_layers")
+    patch_values = _field(config, "patch_size") ** 2
+    stream_tokens = image_tokens + condition_tokens
+    sequence = stream_tokens + text_tokens
+
+    linear_per_token = 2 * (4 * hidden**2 + 2 * 4 * hidden**2)  # q, k, v, out; then D -> 4D -> D
+    terms = {
+        "num_layers x 24 D^2 T": layers * linear_per_token * sequence,
+        "num_layers x 4 T^2 D": layers * 2 * 2 * sequence**2 * hidden,  # Q K^T and attention x V
+        "2 joint_attention_dim D N_txt": 2 * _field(config, "joint_attention_dim") * hidden * text_tokens,
+        "2 p^2 C_in D (N_img + N_cond)": 2 * patch_values * _field(config, "in_channels") * hidden * stream_tokens,
+    }
+    if image_head:
+        terms["2 D p^2 C_out N_img"] = 2 * hidden * patch_values * _field(config, "out_channels") * image_tokens
+    if text_head:
+        terms["2 D vocab N_txt"] = 2 * hidden * _field(config, "vocab_size") * text_tokens
+    return terms
+
+
 def transformer_flops(
     config: Mapping[str, Any] | Any,
     image_tokens: int,
@@ -42,21 +72,9 @@ def transformer_flops(
     in_channels, out_channels and vocab_size. image_tokens are the target's tokens (the ones the image head
     decodes); condition_tokens are the condition images' tokens appended after them.
     """
-    hidden = _field(config, "num_attention_heads") * _field(config, "attention_head_dim")
-    patch_values = _field(config, "patch_size") ** 2
-    stream_tokens = image_tokens + condition_tokens
-    sequence = stream_tokens + text_tokens
-
-    linear_per_token = 2 * (4 * hidden**2 + 2 * 4 * hidden**2)  # q, k, v, out; then D -> 4D -> D
-    attention = 2 * 2 * sequence**2 * hidden  # Q K^T and attention x V
-    flops = _field(config, "num_layers") * (linear_per_token * sequence + attention)
-    flops += 2 * _field(config, "joint_attention_dim") * hidden * text_tokens
-    flops += 2 * patch_values * _field(config, "in_channels") * hidden * stream_tokens
-    if image_head:
-        flops += 2 * hidden * patch_values * _field(config, "out_channels") * image_tokens
-    if text_head:
-        flops += 2 * hidden * _field(config, "vocab_size") * text_tokens
-    return flops
+    return sum(
+        transformer_flops_terms(config, image_tokens, text_tokens, text_head, image_head, condition_tokens).values()
+    )
 
 
 def training_flops_per_sample(
