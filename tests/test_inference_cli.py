@@ -70,6 +70,7 @@ def tiny(tmp_path_factory):
         text_encoder=str(folders.text_encoder),
         vae=str(folders.vae),
         mask_embedding=str(mask_embedding),
+        text_length=20,
         dtype="float32",
     )
     run.mkdir()
@@ -166,6 +167,7 @@ def test_export_pipeline_from_a_run(tiny, capsys):
     assert all(torch.equal(tensor, expected[name]) for name, tensor in pipe.transformer.state_dict().items())
     mask_row = pipe.text_encoder.get_input_embeddings().weight[mask_token_id(pipe.tokenizer)]
     assert torch.equal(mask_row, torch.load(tiny.mask, weights_only=True))
+    assert pipe.tokenizer.model_max_length == 20  # prompts are encoded at the run's training length
 
     export = runpy.run_path(str(REPO / "scripts" / "export_pipeline.py"), run_name="export_pipeline")["main"]
     before = sorted(p.name for p in out.iterdir())

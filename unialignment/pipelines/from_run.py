@@ -79,8 +79,13 @@ def build_pipeline(
             raise ExportError(f"no {name} folder: pass {option} or --sd3 (an SD3 pipeline folder)") from None
     # FrozenT5 loads the tokenizer with the pad token set to `</s>` and writes the learned mask embedding into
     # the encoder's input embeddings, as training saw them.
+    # The prompt length the run trained with travels in the saved tokenizer (`model_max_length`).
     t5 = FrozenT5.from_pretrained(
-        folders["tokenizer"], folders["text_encoder"], torch_dtype, mask_embedding_path=components.mask_embedding
+        folders["tokenizer"],
+        folders["text_encoder"],
+        torch_dtype,
+        mask_embedding_path=components.mask_embedding,
+        max_length=components.text_length,
     )
     vae_dir = Path(folders["vae"])
     if not (vae_dir / "config.json").is_file():
