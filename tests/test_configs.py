@@ -14,7 +14,7 @@ from unialignment.training.config import BatchConfig, ConfigError, TrainConfig, 
 from unialignment.training.trainer import build_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+CONFIGS = sorted((ROOT / "configs").glob("*.py")) + sorted((ROOT / "configs" / "toy").glob("*.py"))
 STAGE1 = ROOT / "configs" / "stage1_t2i_caption.py"
 DEBUG_ASSETS = "runs/debug_assets"  # where configs/debug.py expects scripts/make_debug_assets.py's output
 

@@ -3,17 +3,22 @@ through the same code as the full-size ones."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from transformers import AutoTokenizer
 
 from unialignment.frozen.teacher import QwenVLTeacher
 from unialignment.frozen.text_encoder import FrozenT5
 from unialignment.frozen.vae import FrozenVAE
+from unialignment.toy.folder import images_of, read_split, texts_of
 from unialignment.toy.t5 import make_tiny_t5
 from unialignment.toy.teacher import make_tiny_teacher
-from unialignment.toy.vae import make_tiny_vae
+from unialignment.toy.vae import TINY_VAE_CONFIG, VAETrainingReport, images_to_tensor, make_tiny_vae, train_vae
 
 
 @dataclass
@@ -50,3 +55,61 @@ def load_tiny_components(folders: TinyComponentFolders, max_text_length: int = 3
         vae=FrozenVAE.from_pretrained(folders.vae),
         teacher=QwenVLTeacher.from_pretrained(folders.teacher, torch_dtype=torch.float32),
     )
+
+
+@dataclass
+class DatasetComponentsReport:
+    vocab_size: int  # len(tokenizer)
+    image_size: int
+    vae: VAETrainingReport | None  # None when an existing VAE folder was reused
+
+
+def make_dataset_components(
+    data_root: Path,
+    folder: Path,
+    vae_max_steps: int = 2000,
+    vae_target_psnr: float = 31.0,
+    seed: int = 0,
+) -> tuple[TinyComponentFolders, DatasetComponentsReport]:
+    """Tiny frozen components fitted to one dataset folder (`unialignment.toy.folder` layout): a T5 tokenizer
+    trained on every text of both splits (so held-out prompts tokenise without unknown pieces), a tiny T5 encoder
+    over it, a tiny VAE trained on the training split's images until it reconstructs them, and a tiny teacher.
+    A component whose folder already exists is reused, so a second run costs nothing."""
+    folder = Path(folder)
+    folders = TinyComponentFolders(folder / "tokenizer", folder / "text_encoder", folder / "vae", folder / "teacher")
+    train, heldout = read_split(data_root, "train"), read_split(data_root, "heldout")
+    train_records = [record for records in train.values() for record in records]
+    image_paths = images_of(train_records)
+    image_size = _common_side(image_paths)
+
+    if not (folders.text_encoder / "config.json").is_file():
+        # every text with its repeats: word frequencies are what the tokenizer trainer learns pieces from
+        corpus = texts_of(train_records + [record for records in heldout.values() for record in records])
+        make_tiny_t5(folder, corpus=corpus, seed=seed, model_type="bpe")
+    vae_report = None
+    if not (folders.vae / "config.json").is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": image_size})
+        pixels = images_to_tensor([Image.open(path) for path in image_paths], image_size)
+        vae_report = train_vae(vae, pixels, max_steps=vae_max_steps, target_psnr=vae_target_psnr, seed=seed)
+        vae.save_pretrained(folders.vae)
+    if not (folders.teacher / "config.json").is_file():
+        make_tiny_teacher(folders.teacher, seed=seed)
+    vocab_size = len(AutoTokenizer.from_pretrained(folders.tokenizer))
+    return folders, DatasetComponentsReport(vocab_size, image_size, vae_report)
+
+
+def dataset_image_size(data_root: Path) -> int:
+    """The side most training images of a dataset folder have; the demo trains and samples square at that size."""
+    records = [record for records in read_split(data_root, "train").values() for record in records]
+    return _common_side(images_of(records))
+
+
+def _common_side(paths: list[str]) -> int:
+    """The longer side most of these images have."""
+    sides = Counter()
+    for path in paths:
+        with Image.open(path) as image:
+            sides[max(image.size)] += 1
+    return sides.most_common(1)[0][0]

@@ -46,18 +46,23 @@ def caption_corpus() -> list[str]:
     return captions
 
 
-def make_tiny_t5(folder: Path, vocab_size: int = 256, seed: int = 0) -> tuple[Path, Path]:
-    """Build and save a tiny T5 tokenizer and encoder; returns (tokenizer folder, encoder folder)."""
+def make_tiny_t5(
+    folder: Path, vocab_size: int = 256, seed: int = 0, corpus: list[str] | None = None, model_type: str = "unigram"
+) -> tuple[Path, Path]:
+    """Build and save a tiny T5 tokenizer, trained on `corpus` (default: `caption_corpus()`), and encoder;
+    returns (tokenizer folder, encoder folder). With the unigram model a small corpus gives a small vocabulary
+    (the trainer stops at the pieces it can justify). On a corpus of a few dozen words repeated in templates the
+    unigram trainer splits common words ("the", "and") into letters; `model_type="bpe"` keeps them whole."""
     tokenizer_dir, encoder_dir = folder / "tokenizer", folder / "text_encoder"
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
 
-    # T5's sentencepiece layout: pad 0, eos 1, unk 2, no bos. The corpus has ~150 distinct words, which
-    # caps the unigram vocabulary near 150 pieces; `hard_vocab_limit=False` lets the trainer stop there.
+    # T5's sentencepiece layout: pad 0, eos 1, unk 2, no bos. The default corpus has ~150 distinct words,
+    # which caps the unigram vocabulary near 150 pieces; `hard_vocab_limit=False` lets the trainer stop there.
     spm_model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(caption_corpus()),
+        sentence_iterator=iter(caption_corpus() if corpus is None else corpus),
         model_writer=spm_model,
-        model_type="unigram",
+        model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
         pad_id=0,

@@ -1,0 +1,59 @@
+# The built-in small default (issue: a shapes world on which the whole system visibly learns on 2 CPU cores).
+# scripts/toy_demo.py fills in the data and component folders it builds, and the image size of the data;
+# the paths below are where it puts them by default, so a stage can also be launched by hand:
+#   bash train_unialignment.sh configs/toy/stage1_t2i_caption.py
+_base_ = [
+    "../../_base_/model.py",
+    "../../_base_/components.py",
+    "../../_base_/data.py",
+    "../../_base_/schedule.py",
+    "../../_base_/deepspeed.py",
+]
+
+# 64 px images -> the tiny VAE's 4x downsampling -> 16 x 16 latents -> patch 2 -> 64 image tokens.
+model = dict(
+    load_from=None,
+    config=dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,  # the tiny VAE's latent_channels
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the tiny T5's d_model
+        caption_projection_dim=64,
+        pooled_projection_dim=6,
+        pos_embed_max_size=16,
+        # vocab_size is left out: a fresh model's text head takes len(tokenizer) of the world's tokenizer.
+        teacher_dim=32,  # the tiny teacher's vision out_hidden_size
+        alignment_hidden_dim=64,
+        num_null_image_tokens=4,
+        align_depth=2,
+    ),
+    gradient_checkpointing=False,
+)
+components = dict(
+    sd3=None,
+    tokenizer="runs/toy/components/tokenizer",
+    text_encoder="runs/toy/components/text_encoder",
+    vae="runs/toy/components/vae",
+    teacher="runs/toy/components/teacher",
+    text_length=24,  # the longest toy text (two objects) is 17 tokens with </s>
+    dtype="float32",
+)
+data = dict(resolution=64, num_workers=0, max_bad_fraction=0.0)
+batch = dict(global_batch_size=32, micro_batch_size=32)
+optimizer = dict(lr=1e-3, weight_decay=0.01, warmup_steps=50, clip_grad_norm=1.0)
+ema_decay = 0.99
+deepspeed = dict(zero_stage=2, precision="fp32")  # CPU: no bf16 kernels worth having at this size
+checkpoint = dict(every_steps=1000, keep_last=1)
+logging = dict(
+    every_steps=25,
+    sample_every_steps=1000,
+    sample_prompts=["a large red square on the left", "a small blue circle in the middle"],
+    caption_images=[],
+    sample_steps=20,
+    caption_steps=16,
+    guidance_scale=3.0,
+)

@@ -1,0 +1,44 @@
+"""Fit the tiny frozen components to a dataset folder: T5 tokenizer and encoder, VAE, teacher.
+
+    python scripts/make_toy_components.py --data runs/toy/world --out runs/toy/components
+
+The tokenizer (sentencepiece unigram with T5's `<extra_id_*>` sentinels, `<extra_id_0>` the mask token) is trained
+on every text of the folder's two splits; the VAE (a tiny AutoencoderKL) is trained on the training split's images
+until its reconstructions reach --vae-psnr dB, and its latent scaling is then set from the data; the T5 encoder and
+the Qwen2.5-VL teacher are tiny random networks. Each is an ordinary `from_pretrained` folder under OUT, loaded
+later through the same code as the full-size components. Existing folders are reused; delete one to rebuild it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unialignment.toy.components import make_dataset_components
+from unialignment.toy.folder import DatasetFolderError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("runs/toy/world"), help="dataset folder (train/, heldout/)")
+    parser.add_argument("--out", type=Path, default=Path("runs/toy/components"))
+    parser.add_argument("--vae-steps", type=int, default=2000, help="most VAE training steps")
+    parser.add_argument("--vae-psnr", type=float, default=31.0, help="stop training the VAE at this PSNR (dB)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        folders, report = make_dataset_components(args.data, args.out, args.vae_steps, args.vae_psnr, args.seed)
+    except DatasetFolderError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"tokenizer:    {folders.tokenizer} ({report.vocab_size} tokens)")
+    print(f"text encoder: {folders.text_encoder}")
+    if report.vae is None:
+        print(f"vae:          {folders.vae} (reused)")
+    else:
+        vae = report.vae
+        print(f"vae:          {folders.vae} ({vae.steps} steps, {vae.psnr:.1f} dB at {report.image_size} px)")
+    print(f"teacher:      {folders.teacher}")
+
+
+if __name__ == "__main__":
+    main()

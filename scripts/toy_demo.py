@@ -1,0 +1,194 @@
+"""The built-in small default end to end: data, tiny components, three training stages, export, inference on the
+held-out split, and a table scored against an untrained baseline. `bash scripts/demo.sh` runs it.
+
+    python scripts/toy_demo.py                      # the shapes world, every loss term
+    python scripts/toy_demo.py --no-alignment       # the same without the two alignment losses (and no teacher)
+    python scripts/toy_demo.py --data DIR           # any dataset folder: DIR/train/*.jsonl, DIR/heldout/*.jsonl
+
+Each step is one of the project's own commands, printed before it runs: `scripts/make_toy_world.py`,
+`scripts/make_toy_components.py`, `train_unialignment.sh configs/toy/<stage>.py` (DeepSpeed) three times, each
+stage from the previous one's EMA export, `scripts/export_pipeline.py`, and `inference.py --jobs` on every
+held-out record. Everything lands under OUT (default runs/toy): world/, components/, untrained/, and one folder
+per variant (aligned/ or no_alignment/) with the three runs, the exported pipeline, outputs/ and scores.md.
+
+For the shapes world, the built-in checker (`unialignment.toy.checker`) scores the outputs; the table shows the
+untrained model beside the trained one (and beside the other variant, once both have run). For another dataset
+folder the outputs are written for the user's own checker: OUT/<variant>/outputs/<task>/NNNNN.png|txt, numbered
+in the order of the held-out JSONL lines (text-to-image and captions both follow heldout/t2i.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from unialignment.frozen.text_encoder import load_t5_tokenizer
+from unialignment.pipelines.from_run import build_pipeline, save_pipeline
+from unialignment.toy.components import dataset_image_size
+from unialignment.toy.folder import DatasetFolderError, split_files
+from unialignment.toy.heldout import checks_world, format_table, plan_jobs, score_outputs, write_jobs
+from unialignment.training.config import load_config
+from unialignment.training.trainer import build_transformer
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_sft")
+VARIANTS = {False: "aligned", True: "no_alignment"}
+ALIGNMENT_OFF = {
+    "objective.weights.contrastive": 0.0,
+    "objective.weights.align_image": 0.0,
+    "objective.weights.align_text": 0.0,
+    "components.teacher": None,
+}
+
+
+def run(command: list[str], log: Path | None = None) -> None:
+    """Run one of the project's commands from the repository root; with `log`, its output goes there."""
+    print("+ " + shlex.join(command) + (f" > {log}" if log else ""), flush=True)
+    if log is None:
+        subprocess.run(command, check=True, cwd=REPO)
+        return
+    with open(log, "w") as sink:
+        if subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT).returncode:
+            sys.exit(f"failed: {shlex.join(command)}; its output is in {log}")
+
+
+def stage_overrides(
+    stage: str, out: Path, variant: Path, data_root: Path, image_size: int, steps_scale: float, no_alignment: bool
+) -> dict:
+    """The stage config's data and component paths pointed at this demo's folders; groups whose files the dataset
+    lacks are dropped (a stage with none left is an error)."""
+    config = load_config(REPO / "configs" / "toy" / f"{stage}.py")
+    train = split_files(data_root, "train")
+    groups = []
+    for group in config.data.groups:
+        datasets = [dict(d, path=str(train[d["task"]])) for d in group["datasets"] if d["task"] in train]
+        if datasets:
+            groups.append(dict(group, datasets=datasets))
+    if not groups:
+        needs = sorted({d["task"] for group in config.data.groups for d in group["datasets"]})
+        raise DatasetFolderError(f"{data_root}/train: {stage} needs one of {needs} (.jsonl)")
+    components = out / "components"
+    overrides = {
+        "work_dir": str(variant / stage),
+        "data.groups": groups,
+        "data.resolution": image_size,
+        "model.config.sample_size": image_size // 4,  # the tiny VAE downsamples 4x
+        "components.tokenizer": str(components / "tokenizer"),
+        "components.text_encoder": str(components / "text_encoder"),
+        "components.vae": str(components / "vae"),
+        "components.teacher": str(components / "teacher"),
+        "max_steps": max(1, round(config.max_steps * steps_scale)),
+    }
+    previous = STAGES.index(stage) - 1
+    if previous >= 0:
+        overrides["model.load_from"] = str(variant / STAGES[previous] / "export" / "ema")
+    if no_alignment:
+        overrides.update(ALIGNMENT_OFF)
+    return overrides
+
+
+def as_arguments(overrides: dict) -> list[str]:
+    """`--key=value` for scripts/train.py, whose values are Python literals (JSON's lists and dicts are too)."""
+
+    def literal(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value) if isinstance(value, list | dict) else repr(value)
+
+    return [f"--{key}={literal(value)}" for key, value in overrides.items()]
+
+
+def make_untrained_pipeline(out: Path, overrides: dict) -> Path:
+    """The stage-1 model at its initial weights (the trainer's seed and construction) with the stage's frozen
+    components and text length, saved as a pipeline."""
+    pipeline = out / "untrained" / "pipeline"
+    if (pipeline / "model_index.json").is_file():
+        return pipeline
+    config = load_config(REPO / "configs" / "toy" / f"{STAGES[0]}.py", {**overrides, "model.load_from": None})
+    torch.manual_seed(config.seed)
+    vocab_size = len(load_t5_tokenizer(config.components.tokenizer))
+    model, _ = build_transformer(config, vocab_size)
+    model.save_pretrained(out / "untrained" / "transformer")
+    save_pipeline(build_pipeline(out / "untrained" / "transformer", config.components), pipeline, overwrite=True)
+    print(f"untrained pipeline: {pipeline}", flush=True)
+    return pipeline
+
+
+def evaluate(pipeline: Path, data_root: Path, folder: Path, args: argparse.Namespace, image_size: int, text_length):
+    """Run every held-out job through inference.py; returns the jobs (with their output files)."""
+    outputs = folder / "outputs"
+    jobs = plan_jobs(data_root, outputs, seed=args.seed)
+    jobs_file = write_jobs(jobs, folder / "heldout_jobs.jsonl")
+    run(
+        [
+            sys.executable, "inference.py", "--model", str(pipeline), "--jobs", str(jobs_file),
+            "--device", "cpu", "--dtype", "float32", "--size", str(image_size), "--steps", str(args.sample_steps),
+            "--guidance", str(args.guidance), "--length", str(text_length),
+        ],
+        log=folder / "inference.log",
+    )  # fmt: skip
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="a dataset folder (train/, heldout/); default: make the shapes world")
+    parser.add_argument("--out", type=Path, default=Path("runs/toy"))
+    parser.add_argument("--no-alignment", action="store_true", help="train without the alignment losses")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's max_steps")
+    parser.add_argument("--vae-steps", type=int, default=2000, help="most steps of the tiny VAE's training")
+    parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image and text")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance for every image task")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    out = args.out.resolve()
+
+    data_root = args.data.resolve() if args.data else out / "world"
+    if args.data is None:
+        run([sys.executable, "scripts/make_toy_world.py", "--out", str(data_root), "--seed", str(args.seed)])
+    run([sys.executable, "scripts/make_toy_components.py", "--data", str(data_root), "--out", str(out / "components"),
+         "--vae-steps", str(args.vae_steps), "--seed", str(args.seed)])  # fmt: skip
+    image_size = dataset_image_size(data_root)
+
+    variant = out / VARIANTS[args.no_alignment]
+    overrides = {}
+    for stage in STAGES:
+        overrides[stage] = stage_overrides(
+            stage, out, variant, data_root, image_size, args.steps_scale, args.no_alignment
+        )
+    text_length = load_config(REPO / "configs" / "toy" / f"{STAGES[0]}.py").components.text_length
+
+    untrained = make_untrained_pipeline(out, overrides[STAGES[0]])
+    baseline_jobs = evaluate(untrained, data_root, out / "untrained", args, image_size, text_length)
+    for stage in STAGES:
+        run(["bash", "train_unialignment.sh", f"configs/toy/{stage}.py", *as_arguments(overrides[stage])])
+    pipeline = variant / "pipeline"
+    run([sys.executable, "scripts/export_pipeline.py", "--run", str(variant / STAGES[-1]), "--out", str(pipeline),
+         "--overwrite"])  # fmt: skip
+    trained_jobs = evaluate(pipeline, data_root, variant, args, image_size, text_length)
+    minutes = (time.monotonic() - started) / 60
+
+    if not checks_world(data_root):
+        print(f"outputs for the held-out split: {variant / 'outputs'} (the built-in checker scores only the shapes "
+              f"world); {minutes:.1f} min")  # fmt: skip
+        return {}
+    scores = {"untrained": score_outputs(baseline_jobs), VARIANTS[args.no_alignment]: score_outputs(trained_jobs)}
+    (out / "untrained" / "scores.json").write_text(json.dumps(scores["untrained"], indent=1))
+    (variant / "scores.json").write_text(json.dumps(scores[VARIANTS[args.no_alignment]], indent=1))
+    other = out / VARIANTS[not args.no_alignment] / "scores.json"
+    if other.is_file():  # both variants have run: show them side by side
+        scores[VARIANTS[not args.no_alignment]] = json.loads(other.read_text())
+    table = format_table(scores)
+    (variant / "scores.md").write_text(table + "\n")
+    print(f"\nheld-out scores ({data_root / 'heldout'}), {minutes:.1f} min:\n{table}")
+    return scores
+
+
+if __name__ == "__main__":
+    main()
