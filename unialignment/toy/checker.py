@@ -21,7 +21,8 @@ from unialignment.toy.world import BACKGROUND, COLOURS, PHRASES, POSITIONS, SHAP
 
 # Half-way between the closest two palette colours is about 75; beyond 90 a pixel is noise, not an object.
 MAX_COLOUR_DISTANCE = 90.0
-# An object covers at least this fraction of the image: a quarter of the smallest (small triangle) drawing.
+# An object's eroded core covers at least this fraction of the image: a quarter of the smallest (small triangle)
+# drawing, whose core is about half of it at 64 px.
 MIN_OBJECT_FRACTION = 0.25 * 0.5 * (2 * SIZES["small"]) ** 2
 # An upright triangle holds 1/4 of its area above its half height and 3/4 below (ratio 1/3); squares and circles
 # are symmetric (ratio 1). Squares fill their bounding box, circles pi/4 of it. The cut points lie half-way.
@@ -53,9 +54,12 @@ def find_objects(image: Image.Image) -> list[FoundObject]:
 
     found = []
     for index, colour in enumerate(palette_names[1:], start=1):
-        ys, xs = np.nonzero(nearest == index)
-        if len(xs) < MIN_OBJECT_FRACTION * height * width:
+        mask = nearest == index
+        # A decoder's soft edges leave thin halos of in-between colours (red on yellow reads as orange); an object
+        # must have a solid core that survives a 3x3 erosion.
+        if _eroded(mask).sum() < MIN_OBJECT_FRACTION * height * width:
             continue
+        ys, xs = np.nonzero(mask)
         # the box spans the columns and rows holding at least two of its pixels, so stray pixels do not stretch it
         x0, x1 = _span(np.bincount(xs, minlength=width))
         y0, y1 = _span(np.bincount(ys, minlength=height))
@@ -72,6 +76,16 @@ def find_objects(image: Image.Image) -> list[FoundObject]:
         size = min(SIZES, key=lambda name: abs(SIZES[name] - half_extent))
         found.append(FoundObject(colour, shape, position, size, len(xs)))
     return sorted(found, key=lambda obj: -obj.pixels)
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood lies wholly inside `mask`."""
+    padded = np.pad(mask, 1)
+    core = np.ones_like(mask)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            core &= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+    return core
 
 
 def _span(counts: np.ndarray) -> tuple[int, int]:
