@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unialignment.toy.components import TinyComponentFolders, make_tiny_components
+from unialignment.toy.folder import write_if_changed
 from unialignment.toy.shapes import COLOURS, ShapeScene, all_scenes, draw_scene
 
 
@@ -55,7 +56,7 @@ def make_debug_assets(out: Path, size: int = 32) -> DebugAssets:
     for scene in scenes:
         png = io.BytesIO()
         draw_scene(scene, size).save(png, format="PNG")
-        _write_if_changed(data / image_path(scene), png.getvalue())
+        write_if_changed(data / image_path(scene), png.getvalue())
 
     edits = [
         edit_record(source, ShapeScene(colour, source.shape, source.position))
@@ -64,8 +65,8 @@ def make_debug_assets(out: Path, size: int = 32) -> DebugAssets:
         if colour != source.colour
     ]
     t2i, edit = data / "t2i.jsonl", data / "edit.jsonl"
-    _write_if_changed(t2i, _jsonl([t2i_record(scene) for scene in scenes]))
-    _write_if_changed(edit, _jsonl(edits))
+    write_if_changed(t2i, _jsonl([t2i_record(scene) for scene in scenes]))
+    write_if_changed(edit, _jsonl(edits))
     return DebugAssets(components, t2i, edit, images=len(scenes))
 
 
@@ -75,14 +76,6 @@ def _turn(speaker: str, text: str) -> dict:
 
 def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(record) + "\n" for record in records).encode()
-
-
-def _write_if_changed(path: Path, content: bytes) -> None:
-    # Unchanged files keep their mtime, so the JSONL index cache is not rebuilt on every run.
-    if path.is_file() and path.read_bytes() == content:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
 
 
 def main(argv: list[str] | None = None) -> DebugAssets:

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from unialignment.toy.folder import write_if_changed
 from unialignment.toy.world import (
     COLOURS,
     PHRASES,
@@ -56,7 +57,7 @@ class ToyWorldWriter:
             draw = {"rgb": draw_scene, "mask": draw_mask, "edges": draw_edges}[kind]
             png = io.BytesIO()
             draw(scene, self.side, seed).save(png, format="PNG")
-            _write_if_changed(self.out / path, png.getvalue())
+            write_if_changed(self.out / path, png.getvalue())
             self.drawn.add(path)
         return path
 
@@ -202,7 +203,7 @@ def make_toy_world(out: Path, side: int = 64, seed: int = 0) -> dict[str, dict[s
         rng = random.Random(f"{seed}-{split}")
         records = split_records(writer, split == "heldout", rng)
         for task, rows in records.items():
-            _write_if_changed(out / split / f"{task}.jsonl", _jsonl(rows, prefix="../"))
+            write_if_changed(out / split / f"{task}.jsonl", _jsonl(rows, prefix="../"))
         counts[split] = {task: len(rows) for task, rows in records.items()}
     return counts
 
@@ -213,14 +214,6 @@ def _jsonl(records: list[dict], prefix: str) -> bytes:
         record = {**record, "image": [prefix + path for path in record["image"]]}
         lines.append(json.dumps(record) + "\n")
     return "".join(lines).encode()
-
-
-def _write_if_changed(path: Path, content: bytes) -> None:
-    # Unchanged files keep their mtime, so the JSONL index cache is not rebuilt on every run.
-    if path.is_file() and path.read_bytes() == content:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
 
 
 def main(argv: list[str] | None = None) -> dict:

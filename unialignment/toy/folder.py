@@ -85,3 +85,12 @@ def images_of(records: list[Record]) -> list[str]:
         for image in (*record.source_images, record.target_image):
             seen.setdefault(image, None)
     return list(seen)
+
+
+def write_if_changed(path: Path, content: bytes) -> None:
+    """Write `content` unless `path` already holds it: unchanged files keep their mtime, so the JSONL index cached
+    beside a data file stays valid across re-runs of a generator."""
+    if path.is_file() and path.read_bytes() == content:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
