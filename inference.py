@@ -307,17 +307,11 @@ def _parse_job(line: str, folder: Path, job_parsers: dict, defaults: dict) -> di
 def load_pipeline(args: dict):
     # Imported here, after the arguments are checked, so that a mistake is reported at once rather than after
     # diffusers and transformers have loaded.
-    from unialignment.pipelines import UniAlignmentPipeline
+    from unialignment.pipelines.from_run import load_pipeline as load_pipeline_folder
 
     device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32"))
-    model = args["model"]
-    if (model / "config.py").is_file() and not (model / "model_index.json").is_file():
-        from unialignment.pipelines.from_run import pipeline_from_run
-
-        pipe = pipeline_from_run(model, torch_dtype=dtype)  # a training run folder: its export, in memory
-    else:
-        pipe = UniAlignmentPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = load_pipeline_folder(args["model"], torch_dtype=dtype)  # a run folder: its export, in memory
     if args["cpu_offload"]:
         pipe.enable_model_cpu_offload(device=device)
     else:

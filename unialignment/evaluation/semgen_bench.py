@@ -210,20 +210,11 @@ def check_settings(method_dir: Path, settings: GenerationSettings) -> None:
 
 
 def load_pipeline(model: str | Path, device: str | torch.device, dtype: torch.dtype):
-    """A pipeline folder, or a training run folder's newest EMA export, on `device`.
-
-    The rule is inference.py's `load_pipeline`, which lives in a script and cannot be imported from a package.
-    """
+    """A pipeline folder, or a training run folder's newest EMA export, on `device`."""
     # Imported here so that the report, and every argument check, run without loading diffusers.
-    from unialignment.pipelines import UniAlignmentPipeline
-    from unialignment.pipelines.from_run import pipeline_from_run
+    from unialignment.pipelines.from_run import load_pipeline as load_pipeline_folder
 
-    model = Path(model)
-    if (model / "config.py").is_file() and not (model / "model_index.json").is_file():
-        pipe = pipeline_from_run(model, torch_dtype=dtype)  # a training run: the trainer's merged config.py
-    else:
-        pipe = UniAlignmentPipeline.from_pretrained(model, torch_dtype=dtype)
-    return pipe.to(device)
+    return load_pipeline_folder(model, torch_dtype=dtype).to(device)
 
 
 def pending(samples: Iterable[Sample], fullset: Path) -> list[Sample]:

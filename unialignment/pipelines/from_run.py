@@ -110,6 +110,15 @@ def pipeline_from_run(
     return build_pipeline(run_transformer_folder(Path(run), weights, step), components, torch_dtype=torch_dtype)
 
 
+def load_pipeline(model: str | Path, torch_dtype: torch.dtype = torch.float32) -> UniAlignmentPipeline:
+    """A pipeline folder (ours or the authors' layout), or a training run folder (its merged `config.py` and no
+    `model_index.json`), whose newest EMA export is assembled in memory."""
+    model = Path(model)
+    if (model / "config.py").is_file() and not (model / "model_index.json").is_file():
+        return pipeline_from_run(model, torch_dtype=torch_dtype)
+    return UniAlignmentPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+
+
 def save_pipeline(
     pipe: UniAlignmentPipeline, out: Path, mask_embedding: str | Path | None = None, overwrite: bool = False
 ) -> None:
