@@ -22,6 +22,7 @@ from pathlib import Path
 from unialignment.toy.folder import write_if_changed
 from unialignment.toy.world import (
     COLOURS,
+    OPPOSITE,
     PHRASES,
     POSITIONS,
     SHAPES,
@@ -122,12 +123,12 @@ def one_object_scenes(keep) -> list[Scene]:
 
 
 def two_object_scene(rng: random.Random, keep, first: ShapeObject | None = None) -> Scene:
-    """Two objects of different colours at different side positions, both passing `keep`."""
+    """Two objects of different colours at opposite side positions, the scene passing `keep`."""
     while True:
         a = first or ShapeObject(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIDE_POSITIONS))
         a = ShapeObject(a.colour, a.shape, a.position, a.size if first else rng.choice(list(SIZES)))
         colour = rng.choice([c for c in COLOURS if c != a.colour])
-        position = rng.choice([p for p in SIDE_POSITIONS if p != a.position])
+        position = OPPOSITE[a.position]
         b = ShapeObject(colour, rng.choice(SHAPES), position, rng.choice(list(SIZES)))
         scene = Scene((a, b))
         if keep(scene):

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from unialignment.data.records import TaskKind
 from unialignment.toy.checker import colours_in, find_objects, mask_iou, positions_in, shapes_in
-from unialignment.toy.components import make_dataset_components
+from unialignment.toy.components import dataset_text_length, make_dataset_components
 from unialignment.toy.folder import DatasetFolderError, read_split, split_files
 from unialignment.toy.heldout import checks_world, format_table, objects_in, plan_jobs, score_outputs
 from unialignment.toy.vae import TINY_VAE_CONFIG, images_to_tensor, reconstruction_psnr, train_vae
@@ -97,8 +97,9 @@ def test_checker_words_and_masks():
     assert objects_in("a red thing somewhere") is None
     scene = Scene((ShapeObject("green", "square", "middle", "large"),))
     assert mask_iou(draw_mask(scene), draw_mask(scene)) == 1.0
-    other = Scene((ShapeObject("green", "square", "left", "small"),))
-    assert mask_iou(draw_mask(scene), draw_mask(other)) == 0.0
+    left = Scene((ShapeObject("green", "square", "left", "small"),))
+    right = Scene((ShapeObject("green", "square", "right", "small"),))
+    assert mask_iou(draw_mask(left), draw_mask(right)) == 0.0
     # the square's edge map is its outline: 4 sides of a 2-pixel band around a 20-pixel square at 64 px
     assert 0 < mask_iou(draw_edges(scene), draw_mask(scene)) < 0.5
 
@@ -196,6 +197,9 @@ def test_components_fit_any_dataset_folder(tmp_path):
     assert report.image_size == 80 and report.vae.steps == 3
     tokenizer = AutoTokenizer.from_pretrained(folders.tokenizer)
     assert tokenizer.unk_token_id not in tokenizer("a teal blob").input_ids
+    # whole words, one token each, as T5's unigram tokenizer reads the BPE-trained pieces
+    assert tokenizer.tokenize("a teal blob") == ["▁a", "▁teal", "▁blob"]
+    assert dataset_text_length(root, tokenizer) == 4  # three words and </s>
     assert "<extra_id_0>" in tokenizer.get_vocab() and len(tokenizer) == report.vocab_size
     assert AutoencoderKL.from_pretrained(folders.vae).config.sample_size == 80
     assert not checks_world(root)  # the built-in checker knows no teal blobs
