@@ -14,6 +14,7 @@ from pathlib import Path
 
 import sentencepiece
 import torch
+from sentencepiece import sentencepiece_model_pb2
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "grey", "brown"]
@@ -52,7 +53,8 @@ def make_tiny_t5(
     """Build and save a tiny T5 tokenizer, trained on `corpus` (default: `caption_corpus()`), and encoder;
     returns (tokenizer folder, encoder folder). With the unigram model a small corpus gives a small vocabulary
     (the trainer stops at the pieces it can justify). On a corpus of a few dozen words repeated in templates the
-    unigram trainer splits common words ("the", "and") into letters; `model_type="bpe"` keeps them whole."""
+    unigram trainer splits common words ("the", "and") into letters; `model_type="bpe"` keeps them whole (see
+    `_as_fewest_pieces_unigram` for how its pieces reach T5's unigram-only tokenizer)."""
     tokenizer_dir, encoder_dir = folder / "tokenizer", folder / "text_encoder"
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
 
@@ -76,7 +78,8 @@ def make_tiny_t5(
     # and would silently build a 104-token placeholder vocabulary; `from_pretrained` on a folder holding
     # `spiece.model` runs the real converter, which appends the 100 sentinel tokens. The folder then
     # gets `tokenizer.json` too, the same layout as SD3's `tokenizer_3`.
-    (tokenizer_dir / "spiece.model").write_bytes(spm_model.getvalue())
+    proto = spm_model.getvalue() if model_type == "unigram" else _as_fewest_pieces_unigram(spm_model.getvalue())
+    (tokenizer_dir / "spiece.model").write_bytes(proto)
     tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir, extra_ids=100)
     tokenizer.save_pretrained(tokenizer_dir)
 
@@ -97,3 +100,20 @@ def make_tiny_t5(
         encoder = T5EncoderModel(config)
     encoder.save_pretrained(encoder_dir)
     return tokenizer_dir, encoder_dir
+
+
+def _as_fewest_pieces_unigram(bpe_model: bytes) -> bytes:
+    """A sentencepiece BPE model rewritten as a unigram model over the same pieces, every piece scored -1.
+
+    T5's tokenizer is unigram only: transformers reads the pieces of any `spiece.model` with their scores as
+    unigram log-probabilities. BPE scores are merge ranks, so read that way they favour short early pieces and
+    split "the" into "t" + "he", which scatters a word over several positions of the text stream. Equal scores
+    make the Viterbi segmentation the one with the fewest pieces: every word the BPE merged whole is one token.
+    """
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(bpe_model)
+    proto.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.UNIGRAM
+    for piece in proto.pieces:
+        if piece.type == sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL:
+            piece.score = -1.0
+    return proto.SerializeToString()
