@@ -192,16 +192,16 @@ class FrozenT5:
         return self._null_prompt_embeds.expand(batch_size, -1, -1)
 
     def decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
-        """Decode token ids (B, L) into texts, dropping everything from the first `</s>` on and any
-        pad or mask tokens left over from sampling."""
+        """Decode token ids (B, L) into texts without `</s>`, padding and mask tokens, wherever they stand.
+
+        SPEC section 4 decodes "without `</s>` and padding"; a sampled text can hold an `</s>` between words
+        (masked diffusion fills positions in any order), and the words after it are part of the sample, so every
+        `</s>` is dropped rather than the text cut at the first one."""
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1, ids.shape[-1]).tolist()
-        dropped = {self.pad_token_id, self.mask_token_id}
+        dropped = {self.eos_token_id, self.pad_token_id, self.mask_token_id}
         texts = []
         for row in ids:
-            row = list(row)
-            if self.eos_token_id in row:
-                row = row[: row.index(self.eos_token_id)]
             row = [token_id for token_id in row if token_id not in dropped]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts

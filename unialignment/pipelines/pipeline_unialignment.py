@@ -458,7 +458,7 @@ class UniAlignmentPipeline(DiffusionPipeline):
             ]
         sampled_ids = torch.cat([sample.token_ids for sample in samples])
 
-        # 5. decode the answers: the question positions are dropped, then everything from the first `</s>` on
+        # 5. decode the answers: the question positions are dropped, then every `</s>`, pad and mask token
         question_lengths = question_mask.sum(dim=1).tolist()
         answer_ids = [ids[n:] for ids, n in zip(sampled_ids.tolist(), question_lengths, strict=True)]
         texts = t5.decode(answer_ids)
