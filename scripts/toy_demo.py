@@ -31,7 +31,7 @@ import torch
 
 from unialignment.frozen.text_encoder import load_t5_tokenizer
 from unialignment.pipelines.from_run import build_pipeline, save_pipeline
-from unialignment.toy.components import dataset_image_size
+from unialignment.toy.components import dataset_image_size, dataset_text_length
 from unialignment.toy.folder import DatasetFolderError, split_files
 from unialignment.toy.heldout import checks_world, format_table, plan_jobs, score_outputs, write_jobs
 from unialignment.training.config import load_config
@@ -60,7 +60,14 @@ def run(command: list[str], log: Path | None = None) -> None:
 
 
 def stage_overrides(
-    stage: str, out: Path, variant: Path, data_root: Path, image_size: int, steps_scale: float, no_alignment: bool
+    stage: str,
+    out: Path,
+    variant: Path,
+    data_root: Path,
+    image_size: int,
+    text_length: int,
+    steps_scale: float,
+    no_alignment: bool,
 ) -> dict:
     """The stage config's data and component paths pointed at this demo's folders; groups whose files the dataset
     lacks are dropped (a stage with none left is an error)."""
@@ -84,6 +91,7 @@ def stage_overrides(
         "components.text_encoder": str(components / "text_encoder"),
         "components.vae": str(components / "vae"),
         "components.teacher": str(components / "teacher"),
+        "components.text_length": text_length,
         "max_steps": max(1, round(config.max_steps * steps_scale)),
     }
     previous = STAGES.index(stage) - 1
@@ -141,7 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/toy"))
     parser.add_argument("--no-alignment", action="store_true", help="train without the alignment losses")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's max_steps")
-    parser.add_argument("--vae-steps", type=int, default=2000, help="most steps of the tiny VAE's training")
+    parser.add_argument(
+        "--stages", type=int, choices=range(1, len(STAGES) + 1), default=len(STAGES), help="train the first N stages"
+    )
+    parser.add_argument("--vae-steps", type=int, default=1500, help="most steps of the tiny VAE's training")
     parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image and text")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance for every image task")
     parser.add_argument("--seed", type=int, default=0)
@@ -155,21 +166,22 @@ def main(argv: list[str] | None = None) -> dict:
     run([sys.executable, "scripts/make_toy_components.py", "--data", str(data_root), "--out", str(out / "components"),
          "--vae-steps", str(args.vae_steps), "--seed", str(args.seed)])  # fmt: skip
     image_size = dataset_image_size(data_root)
+    text_length = dataset_text_length(data_root, load_t5_tokenizer(out / "components" / "tokenizer"))
 
     variant = out / VARIANTS[args.no_alignment]
     overrides = {}
-    for stage in STAGES:
+    stages = STAGES[: args.stages]
+    for stage in stages:
         overrides[stage] = stage_overrides(
-            stage, out, variant, data_root, image_size, args.steps_scale, args.no_alignment
+            stage, out, variant, data_root, image_size, text_length, args.steps_scale, args.no_alignment
         )
-    text_length = load_config(REPO / "configs" / "toy" / f"{STAGES[0]}.py").components.text_length
 
     untrained = make_untrained_pipeline(out, overrides[STAGES[0]])
     baseline_jobs = evaluate(untrained, data_root, out / "untrained", args, image_size, text_length)
-    for stage in STAGES:
+    for stage in stages:
         run(["bash", "train_unialignment.sh", f"configs/toy/{stage}.py", *as_arguments(overrides[stage])])
     pipeline = variant / "pipeline"
-    run([sys.executable, "scripts/export_pipeline.py", "--run", str(variant / STAGES[-1]), "--out", str(pipeline),
+    run([sys.executable, "scripts/export_pipeline.py", "--run", str(variant / stages[-1]), "--out", str(pipeline),
          "--overwrite"])  # fmt: skip
     trained_jobs = evaluate(pipeline, data_root, variant, args, image_size, text_length)
     minutes = (time.monotonic() - started) / 60

@@ -22,4 +22,4 @@ data = dict(
     ],
 )
 optimizer = dict(warmup_steps=20)
-max_steps = 600
+max_steps = 800

@@ -1,4 +1,4 @@
-# Toy stage 3: every task, question answering added, text-loss weight 1.0; from stage 2's EMA weights.
+# Toy stage 3: every task, question answering added; from stage 2's EMA weights.
 _base_ = ["_base_/toy_world.py"]
 
 work_dir = "runs/toy/aligned/stage3_sft"
@@ -23,5 +23,4 @@ data = dict(
     ],
 )
 optimizer = dict(warmup_steps=20)
-objective = dict(weights=dict(text=1.0))
 max_steps = 300

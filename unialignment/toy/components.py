@@ -106,6 +106,20 @@ def dataset_image_size(data_root: Path) -> int:
     return _common_side(images_of(records))
 
 
+def dataset_text_length(data_root: Path, tokenizer, limit: int = 256) -> int:
+    """Tokens the longest text of a dataset folder needs with its `</s>` (a question and its answer share one
+    text), at most `limit`. The demo trains and samples at this length: padding is what a young text stream
+    predicts everywhere, so the less of it the better, and no text of the folder is cut."""
+    records = [record for split in ("train", "heldout") for records in read_split(data_root, split).values()
+               for record in records]  # fmt: skip
+    longest = 1
+    for record in records:
+        for texts in ((record.prompt,), (record.question, record.caption) if record.question else (record.caption,)):
+            # every text gets its own </s> from the tokenizer; a question and answer share one, hence the -1 per join
+            longest = max(longest, sum(len(tokenizer(text).input_ids) for text in texts) - (len(texts) - 1))
+    return min(longest, limit)
+
+
 def _common_side(paths: list[str]) -> int:
     """The longer side most of these images have."""
     sides = Counter()
