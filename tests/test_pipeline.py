@@ -160,12 +160,14 @@ def test_text_tasks_return_clean_strings(pipe, sources, task):
     assert not any(token in text for text in texts for token in ("</s>", "<extra_id_0>", "<pad>"))
 
 
-def test_caption_stops_at_the_first_eos(pipe, sources):
+def test_caption_drops_every_eos_and_keeps_the_words_around_it(pipe, sources):
     circle = pipe.tokenizer("circle", add_special_tokens=False).input_ids[0]
     square = pipe.tokenizer("square", add_special_tokens=False).input_ids[0]
-    with _forced_text_head(pipe.transformer, [circle, circle, pipe.tokenizer.eos_token_id, square]):
+    eos = pipe.tokenizer.eos_token_id
+    # positions: eos, circle, circle, eos, then square to the end
+    with _forced_text_head(pipe.transformer, [eos, circle, circle, eos, square]):
         texts = _run(pipe, "caption", sources, num_inference_steps=3).texts
-    assert texts == [pipe.tokenizer.decode([circle, circle])] * 2
+    assert texts == [pipe.tokenizer.decode([circle, circle] + [square] * (TEXT_LENGTH - 4))] * 2
 
 
 def test_answers_leave_the_question_out(pipe, sources):
