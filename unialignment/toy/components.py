@@ -110,13 +110,16 @@ def dataset_text_length(data_root: Path, tokenizer, limit: int = 256) -> int:
     """Tokens the longest text of a dataset folder needs with its `</s>` (a question and its answer share one
     text), at most `limit`. The demo trains and samples at this length: padding is what a young text stream
     predicts everywhere, so the less of it the better, and no text of the folder is cut."""
-    records = [record for split in ("train", "heldout") for records in read_split(data_root, split).values()
-               for record in records]  # fmt: skip
+    texts = set()  # the worlds repeat their texts thousands of times: tokenize each distinct one once
+    for split in ("train", "heldout"):
+        for records in read_split(data_root, split).values():
+            for record in records:
+                texts.add((record.prompt,))
+                texts.add((record.question, record.caption) if record.question else (record.caption,))
     longest = 1
-    for record in records:
-        for texts in ((record.prompt,), (record.question, record.caption) if record.question else (record.caption,)):
-            # every text gets its own </s> from the tokenizer; a question and answer share one, hence the -1 per join
-            longest = max(longest, sum(len(tokenizer(text).input_ids) for text in texts) - (len(texts) - 1))
+    for parts in texts:
+        # every text gets its own </s> from the tokenizer; a question and answer share one, hence the -1 per join
+        longest = max(longest, sum(len(tokenizer(part).input_ids) for part in parts) - (len(parts) - 1))
     return min(longest, limit)
 
 

@@ -19,16 +19,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+# The debug world's palette and shapes (unialignment.toy.shapes), so both worlds speak one language.
+from unialignment.toy.shapes import COLOURS, SHAPES
+
 BACKGROUND = (245, 245, 245)
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
-}
-SHAPES = ("square", "circle", "triangle")
 # Object centres as fractions of the side. Two-object scenes put their objects at opposite side positions
 # (left and right, or top and bottom), half a side apart, so two large objects never overlap even when jittered;
 # "middle" is used in one-object scenes only.
