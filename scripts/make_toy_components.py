@@ -4,8 +4,9 @@
 
 The tokenizer (sentencepiece unigram with T5's `<extra_id_*>` sentinels, `<extra_id_0>` the mask token) is trained
 on every text of the folder's two splits; the VAE (a tiny AutoencoderKL) is trained on the training split's images
-until its reconstructions reach --vae-psnr dB, and its latent scaling is then set from the data; the T5 encoder and
-the Qwen2.5-VL teacher are tiny random networks. Each is an ordinary `from_pretrained` folder under OUT, loaded
+until its reconstructions reach --vae-psnr dB, and its latent scaling is then set from the data; the T5 encoder is
+pretrained for --t5-steps steps to fill masked tokens of the folder's texts, as the real T5 was pretrained on text;
+the Qwen2.5-VL teacher is a tiny random network. Each is an ordinary `from_pretrained` folder under OUT, loaded
 later through the same code as the full-size components. Existing folders are reused; delete one to rebuild it.
 """
 
@@ -24,14 +25,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/toy/components"))
     parser.add_argument("--vae-steps", type=int, default=2000, help="most VAE training steps")
     parser.add_argument("--vae-psnr", type=float, default=31.0, help="stop training the VAE at this PSNR (dB)")
+    parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the encoder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        folders, report = make_dataset_components(args.data, args.out, args.vae_steps, args.vae_psnr, args.seed)
+        folders, report = make_dataset_components(
+            args.data, args.out, args.vae_steps, args.vae_psnr, t5_steps=args.t5_steps, seed=args.seed
+        )
     except DatasetFolderError as error:
         parser.exit(2, f"error: {error}\n")
     print(f"tokenizer:    {folders.tokenizer} ({report.vocab_size} tokens)")
-    print(f"text encoder: {folders.text_encoder}")
+    if report.t5 is None:
+        print(f"text encoder: {folders.text_encoder} (reused)")
+    else:
+        t5 = report.t5
+        print(f"text encoder: {folders.text_encoder} ({t5.steps} steps, masked-token loss {t5.first_loss:.2f} -> "
+              f"{t5.last_loss:.2f})")  # fmt: skip
     if report.vae is None:
         print(f"vae:          {folders.vae} (reused)")
     else:

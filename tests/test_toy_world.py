@@ -12,13 +12,15 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, T5EncoderModel
 
 from unialignment.data.records import TaskKind
+from unialignment.frozen.text_encoder import load_t5_tokenizer, mask_token_id
 from unialignment.toy.checker import colours_in, find_objects, mask_iou, positions_in, shapes_in
 from unialignment.toy.components import dataset_text_length, make_dataset_components
 from unialignment.toy.folder import DatasetFolderError, read_split, split_files
 from unialignment.toy.heldout import checks_world, format_table, objects_in, plan_jobs, score_outputs
+from unialignment.toy.t5 import make_tiny_t5, pretrain_tiny_t5
 from unialignment.toy.vae import TINY_VAE_CONFIG, images_to_tensor, reconstruction_psnr, train_vae
 from unialignment.toy.world import (
     Scene,
@@ -193,8 +195,10 @@ def test_components_fit_any_dataset_folder(tmp_path):
             turns = [{"from": "human", "value": f"a {name} blob"}, {"from": "gpt", "value": "<image>"}]
             lines.append(json.dumps({"image": [f"{k}.png"], "conversations": turns}))
         (root / split / "t2i.jsonl").write_text("\n".join(lines) + "\n")
-    folders, report = make_dataset_components(root, tmp_path / "components", vae_max_steps=3, vae_target_psnr=99)
-    assert report.image_size == 80 and report.vae.steps == 3
+    folders, report = make_dataset_components(
+        root, tmp_path / "components", vae_max_steps=3, vae_target_psnr=99, t5_steps=0
+    )
+    assert report.image_size == 80 and report.vae.steps == 3 and report.t5 is None
     tokenizer = AutoTokenizer.from_pretrained(folders.tokenizer)
     assert tokenizer.unk_token_id not in tokenizer("a teal blob").input_ids
     # whole words, one token each, as T5's unigram tokenizer reads the BPE-trained pieces
@@ -204,4 +208,25 @@ def test_components_fit_any_dataset_folder(tmp_path):
     assert AutoencoderKL.from_pretrained(folders.vae).config.sample_size == 80
     assert not checks_world(root)  # the built-in checker knows no teal blobs
     again, second = make_dataset_components(root, tmp_path / "components")
-    assert second.vae is None  # reused
+    assert second.vae is None and second.t5 is None  # reused
+
+
+def test_t5_pretraining_tells_masked_positions_apart(tmp_path):
+    """Two masked positions between the same clean tokens ("a _ _ </s>" of "a teal blob") must encode differently
+    for the text stream to know which word goes where: a random tiny T5 barely separates them, the pretrained one
+    does, and its masked-token loss falls well below where it started."""
+    corpus = [f"a {colour} {shape}" for colour in ("teal", "pink", "plum") for shape in ("blob", "dot")]
+    tokenizer_dir, encoder_dir = make_tiny_t5(tmp_path, corpus=corpus * 20, model_type="bpe")
+    tokenizer = load_t5_tokenizer(tokenizer_dir)
+    a, eos, mask = tokenizer("a").input_ids[0], tokenizer.eos_token_id, mask_token_id(tokenizer)
+    ids = torch.tensor([[a, mask, mask, eos]])
+
+    def gap() -> float:  # 1 - cosine similarity of the states of the two masked positions
+        with torch.no_grad():
+            states = T5EncoderModel.from_pretrained(encoder_dir)(ids).last_hidden_state[0]
+        return 1 - float(torch.cosine_similarity(states[1], states[2], dim=0))
+
+    before = gap()
+    report = pretrain_tiny_t5(tokenizer_dir, encoder_dir, corpus, steps=200)
+    assert report.last_loss < 0.5 * report.first_loss
+    assert gap() > 5 * before

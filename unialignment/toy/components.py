@@ -16,7 +16,7 @@ from unialignment.frozen.teacher import QwenVLTeacher
 from unialignment.frozen.text_encoder import FrozenT5
 from unialignment.frozen.vae import FrozenVAE
 from unialignment.toy.folder import images_of, read_split, texts_of
-from unialignment.toy.t5 import make_tiny_t5
+from unialignment.toy.t5 import T5PretrainingReport, make_tiny_t5, pretrain_tiny_t5
 from unialignment.toy.teacher import make_tiny_teacher
 from unialignment.toy.vae import TINY_VAE_CONFIG, VAETrainingReport, images_to_tensor, make_tiny_vae, train_vae
 
@@ -61,6 +61,7 @@ def load_tiny_components(folders: TinyComponentFolders, max_text_length: int = 3
 class DatasetComponentsReport:
     vocab_size: int  # len(tokenizer)
     image_size: int
+    t5: T5PretrainingReport | None  # None when an existing encoder folder was reused
     vae: VAETrainingReport | None  # None when an existing VAE folder was reused
 
 
@@ -69,12 +70,14 @@ def make_dataset_components(
     folder: Path,
     vae_max_steps: int = 2000,
     vae_target_psnr: float = 31.0,
+    t5_steps: int = 400,
     seed: int = 0,
 ) -> tuple[TinyComponentFolders, DatasetComponentsReport]:
     """Tiny frozen components fitted to one dataset folder (`unialignment.toy.folder` layout): a T5 tokenizer
     trained on every text of both splits (so held-out prompts tokenise without unknown pieces), a tiny T5 encoder
-    over it, a tiny VAE trained on the training split's images until it reconstructs them, and a tiny teacher.
-    A component whose folder already exists is reused, so a second run costs nothing."""
+    over it pretrained for `t5_steps` steps to fill masked tokens of those texts (`pretrain_tiny_t5`), a tiny VAE
+    trained on the training split's images until it reconstructs them, and a tiny teacher. A component whose
+    folder already exists is reused, so a second run costs nothing."""
     folder = Path(folder)
     folders = TinyComponentFolders(folder / "tokenizer", folder / "text_encoder", folder / "vae", folder / "teacher")
     train, heldout = read_split(data_root, "train"), read_split(data_root, "heldout")
@@ -82,10 +85,13 @@ def make_dataset_components(
     image_paths = images_of(train_records)
     image_size = _common_side(image_paths)
 
+    t5_report = None
     if not (folders.text_encoder / "config.json").is_file():
         # every text with its repeats: word frequencies are what the tokenizer trainer learns pieces from
         corpus = texts_of(train_records + [record for records in heldout.values() for record in records])
         make_tiny_t5(folder, corpus=corpus, seed=seed, model_type="bpe")
+        if t5_steps > 0:
+            t5_report = pretrain_tiny_t5(folders.tokenizer, folders.text_encoder, corpus, steps=t5_steps, seed=seed)
     vae_report = None
     if not (folders.vae / "config.json").is_file():
         with torch.random.fork_rng(devices=[]):
@@ -97,7 +103,7 @@ def make_dataset_components(
     if not (folders.teacher / "config.json").is_file():
         make_tiny_teacher(folders.teacher, seed=seed)
     vocab_size = len(AutoTokenizer.from_pretrained(folders.tokenizer))
-    return folders, DatasetComponentsReport(vocab_size, image_size, vae_report)
+    return folders, DatasetComponentsReport(vocab_size, image_size, t5_report, vae_report)
 
 
 def dataset_image_size(data_root: Path) -> int:
