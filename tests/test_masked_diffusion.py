@@ -292,3 +292,19 @@ def test_sampler_progress_wraps_steps():
 
     sample_masked_diffusion(FixedDenoiser(), torch.full((1, 3), SAMPLER_MASK_ID), SAMPLER_MASK_ID, 5, progress=progress)
     assert seen_steps == list(range(5))
+
+
+def test_a_generator_per_row_samples_each_row_as_it_would_alone():
+    rows = 6
+    start_ids = torch.full((rows, 3), SAMPLER_MASK_ID)
+    start_ids[2, 0] = 1  # rows differ, so the per-row noise must follow its row
+
+    def run(ids, generators):
+        return sample_masked_diffusion(FixedDenoiser(), ids, SAMPLER_MASK_ID, 8, generator=generators).token_ids
+
+    together = run(start_ids, [torch.Generator().manual_seed(seed) for seed in range(rows)])
+    alone = torch.cat([run(start_ids[row : row + 1], torch.Generator().manual_seed(row)) for row in range(rows)])
+    assert torch.equal(together, alone)
+    assert len({tuple(row) for row in together.tolist()}) > 1  # the seeds give different rows
+    with pytest.raises(ValueError, match="2 generators for 6 rows"):
+        run(start_ids, [torch.Generator(), torch.Generator()])

@@ -210,7 +210,11 @@ def initial_ids_from_prompt(
     return torch.where(prompt_mask.bool(), prompt_ids, all_mask)
 
 
-def _gumbel_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _gumbel_noise(
+    shape: torch.Size, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
+) -> torch.Tensor:
+    if isinstance(generator, list):  # one per row: each row draws what a one-row run with its generator draws
+        return torch.cat([_gumbel_noise((1, *shape[1:]), row_generator, device) for row_generator in generator])
     # Drawn where the generator lives (a CPU generator is common, also for GPU sampling), then moved.
     draw_device = generator.device if generator is not None else device
     uniform = torch.rand(shape, generator=generator, device=draw_device).to(device)
@@ -247,7 +251,7 @@ def sample_masked_diffusion(
     num_steps: int,
     final_time: float = 1e-5,
     use_cache: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
 ) -> MaskedDiffusionSample:
     """Ancestral MDLM sampling over times linspace(1, final_time, num_steps + 1).
@@ -259,10 +263,14 @@ def sample_masked_diffusion(
     Args:
         denoiser: maps (B, L) noisy ids to (B, L, V) logits.
         initial_ids: (B, L) start, all mask tokens except prompt tokens (`initial_ids_from_prompt`).
+        generator: one for the batch, or one per row; a row with its own generator samples what it would alone
+            (the denoiser sees each row on its own, up to floating-point differences of batched arithmetic).
         progress: optional wrapper over the step iterable, e.g. `tqdm`.
     """
     assert num_steps >= 1, f"num_steps must be at least 1, got {num_steps}."
     assert 0 < final_time < 1, f"final_time must lie in (0, 1), got {final_time}."
+    if isinstance(generator, list) and len(generator) != initial_ids.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {initial_ids.shape[0]} rows; pass one or one per row.")
     times = torch.linspace(1.0, final_time, num_steps + 1, dtype=torch.float64).tolist()
     steps = range(num_steps) if progress is None else progress(range(num_steps))
 

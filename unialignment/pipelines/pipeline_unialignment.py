@@ -369,8 +369,8 @@ class UniAlignmentPipeline(DiffusionPipeline):
         """A caption per image from the text stream: `length` mask tokens denoised in `num_inference_steps` steps,
         with the clean image (resized and centre-cropped to (height, width)) in the image stream at timestep 0.
 
-        generator: one generator for the batch, or one per image. The masked-diffusion sampler draws its noise for
-            a whole batch from one generator, so a list runs the sampler once per image, each with its own generator.
+        generator: one generator for the batch, or one per image; with one per image, each caption is the one that
+            image would get alone with its generator, and the batch still runs as one.
         """
         return self._sample_texts(_images(image, "image"), None, length, num_inference_steps, height, width, generator)
 
@@ -421,42 +421,30 @@ class UniAlignmentPipeline(DiffusionPipeline):
         question_mask = ~prompt.score_mask
         initial_ids = initial_ids_from_prompt(prompt.input_ids, question_mask, t5.mask_token_id).to(device)
 
-        # 4. denoise
-        def text_logits_for(row_latents: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-            timestep = torch.zeros(row_latents.shape[0], device=device)
+        # 4. denoise: one sampler run for the batch; with a generator per image, each row draws its own noise and
+        # samples what it would alone
+        timestep = torch.zeros(image_latents.shape[0], device=device)
 
-            def text_logits(noisy_ids: torch.Tensor) -> torch.Tensor:
-                noisy_text_embeds = self.text_encoder(noisy_ids).last_hidden_state.to(dtype)
-                output = self.transformer(
-                    hidden_states=row_latents,
-                    encoder_hidden_states=noisy_text_embeds,
-                    timestep=timestep,
-                    return_velocity=False,
-                    return_text_logits=True,
-                )
-                return output.text_logits.float()
+        def text_logits(noisy_ids: torch.Tensor) -> torch.Tensor:
+            noisy_text_embeds = self.text_encoder(noisy_ids).last_hidden_state.to(dtype)
+            output = self.transformer(
+                hidden_states=image_latents,
+                encoder_hidden_states=noisy_text_embeds,
+                timestep=timestep,
+                return_velocity=False,
+                return_text_logits=True,
+            )
+            return output.text_logits.float()
 
-            return text_logits
-
-        # One sampler run for the batch, or one per image with a generator per image: the sampler draws its noise
-        # for a whole batch from one generator.
-        if isinstance(generator, list):
-            runs = [(slice(row, row + 1), row_generator) for row, row_generator in enumerate(generator)]
-        else:
-            runs = [(slice(None), generator)]
-        with self.progress_bar(total=num_inference_steps * len(runs)) as progress_bar:
-            samples = [
-                sample_masked_diffusion(
-                    text_logits_for(image_latents[rows]),
-                    initial_ids[rows],
-                    t5.mask_token_id,
-                    num_inference_steps,
-                    generator=run_generator,
-                    progress=_ticking(progress_bar),
-                )
-                for rows, run_generator in runs
-            ]
-        sampled_ids = torch.cat([sample.token_ids for sample in samples])
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            sampled_ids = sample_masked_diffusion(
+                text_logits,
+                initial_ids,
+                t5.mask_token_id,
+                num_inference_steps,
+                generator=generator,
+                progress=_ticking(progress_bar),
+            ).token_ids
 
         # 5. decode the answers: the question positions are dropped, then every `</s>`, pad and mask token
         question_lengths = question_mask.sum(dim=1).tolist()
