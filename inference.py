@@ -7,6 +7,7 @@
     python inference.py caption --model runs/stage3 --image cat.png                 # a run folder: its export/ema
     python inference.py vqa --model PIPELINE --image cat.png --question "What colour is the cat?" --output a.jsonl
     python inference.py --model PIPELINE --jobs jobs.jsonl --steps 50                  # many jobs, one load
+    python inference.py --model PIPELINE --jobs jobs.jsonl --batch-size 16             # ... 16 per pipeline call
 
 `--model` is a pipeline folder (ours or the authors' layout) or a training run folder, whose newest EMA export is
 assembled with the run's frozen components in memory. Images go to `--output`: a file (.png, .jpg, ...) for one
@@ -16,7 +17,9 @@ Each line of a jobs file is an object with `task` and that task's options, named
 (`{"task": "edit", "image": "cat.png", "instruction": "...", "output": "out/cat.png", "seed": 1}`; perception's
 `--task` is `map` there). Relative paths resolve against the jobs file's folder; options given on the command line
 (`--steps`, `--size`, ...) are defaults for every job. A bad line is reported as `FILE:LINE` and the others still
-run; the exit status is 1 if any job failed.
+run; the exit status is 1 if any job failed. With `--batch-size N`, consecutive caption, VQA, edit, perception or
+composition jobs with the same settings share one pipeline call, N at a time; each keeps its own seed, so it gets
+the output it would get alone.
 """
 
 from __future__ import annotations
@@ -48,14 +51,14 @@ PERCEPTION_INSTRUCTIONS = {
 SIZE_MULTIPLE = 16
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 TEXT_SUFFIXES = {".txt", ".jsonl"}
-SESSION_OPTIONS = ("model", "device", "dtype", "cpu_offload", "jobs")  # one load serves every job
+SESSION_OPTIONS = ("model", "device", "dtype", "cpu_offload", "jobs", "batch_size")  # one load serves every job
 PATH_OPTIONS = ("image", "images", "output")  # resolved against a jobs file's folder
 # Every option is SUPPRESSed in the parsers, so that the command line's values survive a subcommand's (or a job
 # line's) parse; these fill in what nobody gave. Steps and guidance default per task.
 DEFAULTS = dict(
     command=None, model=None, device=None, dtype=None, cpu_offload=False, jobs=None, output=None, seed=None,
     steps=None, guidance=None, size=(512, 512), negative_prompt=None, num_images=1, length=256, instruction=None,
-    map=None,
+    map=None, batch_size=1,
 )  # fmt: skip
 
 
@@ -135,6 +138,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         allow_abbrev=False,
     )
     parser.add_argument("--jobs", type=_file, help="a JSONL file of jobs, run with one load of the model")
+    parser.add_argument(
+        "--batch-size", type=_positive, help="with --jobs: consecutive jobs of one task and settings per call (1)"
+    )
     commands = parser.add_subparsers(dest="command", metavar="TASK")
     image_parents, text_parents = [session, sampling, guidance, image_output], [session, sampling, text, text_output]
 
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as error:  # a wrong folder or run; ConfigError and ExportError are ValueErrors
             print(f"error: cannot load {args['model']}: {error}", file=sys.stderr)
             return 2
-        failed += run_jobs(pipe, good)
+        failed += run_jobs(pipe, good, args["batch_size"])
     if args["jobs"] is None:
         return 2 if failed else 0
     if failed:
@@ -363,20 +369,80 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def run_jobs(pipe, jobs: list[tuple[str, Call | dict]]) -> int:
-    """Run each job (a prepared call, or a job line's options) with `pipe`; returns how many failed."""
+# Per-output inputs of the calls that can share one pipeline call; everything else must be equal between them.
+BATCHED_INPUTS = {"caption": ("image",), "answer": ("image", "question"), "edit": ("image", "instruction")}
+BATCHED_INPUTS["compose"] = ("images", "instruction")
+
+
+def _batch_key(call: Call) -> tuple | None:
+    """Calls with equal keys can run as one pipeline call; None: this call runs alone (t2i already takes a list of
+    prompts, and several images per job would change how a seed's noise is drawn)."""
+    if call.method not in BATCHED_INPUTS or call.kwargs.get("num_images_per_prompt", 1) != 1:
+        return None
+    shared = sorted((k, v) for k, v in call.kwargs.items() if k not in BATCHED_INPUTS[call.method] + ("generator",))
+    sources = len(call.kwargs["images"]) if call.method == "compose" else 1  # a batch of compositions shares k
+    return (call.method, sources, call.kwargs["generator"] is None, *shared)
+
+
+def _run_batch(pipe, calls: list[Call]):
+    """One pipeline call for calls of one batch key; returns one result per call, in order."""
+    if len(calls) == 1:
+        return [getattr(pipe, calls[0].method)(**calls[0].kwargs)]
+    first = calls[0]
+    kwargs = {key: [call.kwargs[key] for call in calls] for key in BATCHED_INPUTS[first.method]}
+    seeded = first.kwargs["generator"] is not None  # each output keeps its own seed's noise
+    generator = [call.kwargs["generator"] for call in calls] if seeded else None
+    result = getattr(pipe, first.method)(**{**first.kwargs, **kwargs, "generator": generator})
+    field = "texts" if first.method in ("caption", "answer") else "images"
+    return [type(result)(**{field: [item]}) for item in getattr(result, field)]
+
+
+def run_jobs(pipe, jobs: list[tuple[str, Call | dict]], batch_size: int = 1) -> int:
+    """Run each job (a prepared call, or a job line's options) with `pipe`; returns how many failed.
+
+    Consecutive jobs of one task with the same settings run `batch_size` at a time as one pipeline call; each keeps
+    its own seed, so its output is the one it gets alone. If a batch fails, its jobs run one by one, so that the
+    error is reported against the line that caused it."""
     failed = 0
+    batch: list[tuple[str, Call]] = []
+
+    def report(where: str, message: str) -> None:
+        print(f"{where}: {message}" if where else message, file=sys.stderr)
+
+    def flush() -> int:
+        pending = list(batch)
+        batch.clear()
+        if not pending:
+            return 0
+        try:
+            results = _run_batch(pipe, [call for _, call in pending])
+        except ValueError as error:  # the pipeline's checks of its inputs
+            if len(pending) == 1:
+                report(pending[0][0], f"error: {error}")
+                return 1
+            errors = 0
+            for item in pending:  # one by one, so that the error names its line
+                batch.append(item)
+                errors += flush()
+            return errors
+        for (where, call), result in zip(pending, results, strict=True):
+            report(where, write_results(call, result))
+        return 0
+
     for where, job in jobs:
-        prefix = f"{where}: " if where else ""
         try:
             call = job if isinstance(job, Call) else prepare(job)
-            result = getattr(pipe, call.method)(**call.kwargs)
-        except ValueError as error:  # UsageError, and the pipeline's checks of its inputs
-            print(f"{prefix}error: {error}", file=sys.stderr)
+        except UsageError as error:
+            report(where, f"error: {error}")
             failed += 1
             continue
-        print(f"{prefix}{write_results(call, result)}", file=sys.stderr)
-    return failed
+        key = _batch_key(call)
+        if batch and (key is None or key != _batch_key(batch[0][1]) or len(batch) >= batch_size):
+            failed += flush()
+        batch.append((where, call))
+        if key is None or batch_size == 1:
+            failed += flush()
+    return failed + flush()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -130,6 +131,46 @@ def test_jobs_run_every_task_and_report_bad_lines(tiny):
     prompt = jobs[1]["prompt"]
     _ok(_run("t2i", "--model", tiny.pipeline, "--prompt", prompt, "--seed", "7", "--output", single, *FAST))
     assert single.read_bytes() == (folder / "seeded.png").read_bytes()
+
+
+def test_batched_jobs_keep_their_seeds_and_blame_only_the_bad_one(tiny, capsys):
+    """`--batch-size`: jobs share pipeline calls, yet each output is the one its job gets alone, and an error inside
+    a batch is reported against its own job while the others still run."""
+    cli = runpy.run_path(str(REPO / "inference.py"), run_name="inference")
+    pipe = UniAlignmentPipeline.from_pretrained(tiny.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    red, blue = (Image.open(tiny.images / name).convert("RGB") for name in ("red.png", "blue.png"))
+    edits = [(red, "Make the square green."), (blue, "   "), (blue, "Make it red."), (red, "Move it right.")]
+
+    def calls(folder: Path) -> list:
+        common = dict(height=32, width=32, num_inference_steps=2)
+        image_options = dict(common, guidance_scale=9.0, negative_prompt=None, num_images_per_prompt=1)
+        jobs = []
+        for seed, (image, instruction) in enumerate(edits):  # the "   " instruction fails in the pipeline
+            kwargs = dict(image_options, image=image, instruction=instruction, generator=_seeded(seed))
+            jobs.append((f"edit:{seed}", cli["Call"]("edit", kwargs, folder / f"{seed}.png", {})))
+        for seed, image in enumerate([red, blue, red]):
+            kwargs = dict(common, image=image, length=8, generator=_seeded(seed))
+            jobs.append((f"caption:{seed}", cli["Call"]("caption", kwargs, folder / f"{seed}.txt", {})))
+        return jobs
+
+    alone, batched = tiny.root / "alone", tiny.root / "batched"
+    assert cli["run_jobs"](pipe, calls(alone), batch_size=1) == 1
+    capsys.readouterr()
+    # pairs: edits 0+1 fail together and rerun one by one, edits 2+3 and captions 0+1 share calls, caption 2 alone
+    assert cli["run_jobs"](pipe, calls(batched), batch_size=2) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("edit:1: error:") and "empty" in errors[0]
+    for seed in (0, 2, 3):
+        expected, actual = (np.asarray(Image.open(folder / f"{seed}.png"), dtype=int) for folder in (alone, batched))
+        assert np.abs(expected - actual).max() <= 1  # batched arithmetic may round one level differently
+    assert not (batched / "1.png").exists()
+    for seed in range(3):
+        assert (batched / f"{seed}.txt").read_text() == (alone / f"{seed}.txt").read_text()
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def test_caption_from_a_run_folder_to_stdout(tiny):
