@@ -1,6 +1,7 @@
 """The data pipeline end to end on generated data: validation report, bad-image replacement, batches of every
 task through a DataLoader, aspect-ratio buckets, 2-rank sharding, and cached features equal to online ones."""
 
+import copy
 import io
 import json
 
@@ -10,10 +11,11 @@ from torch.utils.data import DataLoader
 
 from unialignment.data.collate import Collator
 from unialignment.data.dataset import UniAlignmentDataset, build_task_groups
-from unialignment.data.feature_cache import write_feature_cache
+from unialignment.data.feature_cache import components_fingerprint, write_feature_cache
 from unialignment.data.features import FrozenComponents, prepare_training_batch
 from unialignment.data.records import TaskKind
 from unialignment.data.sampler import SampleKey, TaskMixingSampler
+from unialignment.frozen.text_encoder import FrozenT5
 from unialignment.toy.components import load_tiny_components, make_tiny_components
 from unialignment.toy.shapes import all_scenes, draw_scene
 
@@ -135,7 +137,9 @@ def test_cached_and_online_features_give_the_same_batches(world, components):
         for index in group.indexes:
             write_feature_cache(index, components, 32, 3, shard_size=5, storage_dtype=torch.float32, progress=False)
     collator = Collator(components.t5.tokenizer, 24)
-    online_dataset, cached_dataset = UniAlignmentDataset(groups), UniAlignmentDataset(groups, use_feature_cache=True)
+    fingerprint = components_fingerprint(components)
+    online_dataset = UniAlignmentDataset(groups)
+    cached_dataset = UniAlignmentDataset(groups, use_feature_cache=True, components_fingerprint=fingerprint)
     assert all(readers is not None for readers in cached_dataset.cache_readers)
     sampler = TaskMixingSampler([g.pool_sizes for g in groups], [1, 1], 3, num_steps=4, seed=5)
     for keys in sampler:
@@ -150,3 +154,37 @@ def test_cached_and_online_features_give_the_same_batches(world, components):
         for online_latents, cached_latents in zip(a.condition_latents or [], b.condition_latents or [], strict=True):
             torch.testing.assert_close(cached_latents, online_latents, atol=1e-5, rtol=1e-4)
         assert torch.equal(a.caption_ids, b.caption_ids)
+
+
+def test_a_cache_of_other_components_is_not_used(world, components, tmp_path, caplog):
+    """Features written by one set of frozen components must never reach a run with another: another text length,
+    another mask embedding or other weights give another fingerprint, and the dataset encodes online."""
+    groups = build_task_groups(_groups(world), 32, max_bad_fraction=0.5)[:1]
+    for index in groups[0].indexes:
+        write_feature_cache(index, components, 32, 3, shard_size=5, storage_dtype=torch.float32, progress=False)
+    fingerprint = components_fingerprint(components)
+    assert UniAlignmentDataset(groups, use_feature_cache=True, components_fingerprint=fingerprint).cache_readers[0]
+
+    t5 = components.t5
+    # FrozenT5 records its length in the tokenizer, so each gets its own copy of the shared fixture's
+    longer = FrozenT5(copy.deepcopy(t5.tokenizer), t5.encoder, max_length=t5.max_length + 1)
+    other_mask = copy.deepcopy(t5.encoder)
+    other_mask.get_input_embeddings().weight.data[t5.mask_token_id] += 1.0
+    other_mask_t5 = FrozenT5(copy.deepcopy(t5.tokenizer), other_mask, max_length=t5.max_length)
+    other_vae = copy.deepcopy(components.vae)
+    other_vae.vae.decoder.conv_out.bias.data += 1.0  # the first values of one tensor suffice
+    others = {
+        "text length": FrozenComponents(longer, components.vae, components.teacher),
+        "mask embedding": FrozenComponents(other_mask_t5, components.vae, components.teacher),
+        "vae": FrozenComponents(t5, other_vae, components.teacher),
+        "no teacher": FrozenComponents(t5, components.vae, None),
+    }
+    for what, other in others.items():
+        caplog.clear()
+        dataset = UniAlignmentDataset(
+            groups, use_feature_cache=True, components_fingerprint=components_fingerprint(other)
+        )
+        assert dataset.cache_readers[0] is None, what
+        assert "stale (components changed)" in caplog.text, what
+    with pytest.raises(ValueError, match="components_fingerprint"):
+        UniAlignmentDataset(groups, use_feature_cache=True)

@@ -182,7 +182,17 @@ class UniAlignmentDataset(Dataset):
 
     stride = 7919
 
-    def __init__(self, groups: list[TaskGroup], max_attempts: int = 16, use_feature_cache: bool = False):
+    def __init__(
+        self,
+        groups: list[TaskGroup],
+        max_attempts: int = 16,
+        use_feature_cache: bool = False,
+        components_fingerprint: str | None = None,
+    ):
+        """`components_fingerprint` (`feature_cache.components_fingerprint` of the run's frozen components) is
+        required with `use_feature_cache`: a cache written by other components is not used."""
+        if use_feature_cache and components_fingerprint is None:
+            raise ValueError("use_feature_cache needs the components_fingerprint of the run's frozen components")
         self.groups = groups
         self.max_attempts = max_attempts
         # Per group, one cache reader per file, or None: a group uses its cache for all files or for none, so a
@@ -193,7 +203,10 @@ class UniAlignmentDataset(Dataset):
                 logger.warning("%s: the feature cache is square-only; aspect-ratio buckets encode online", group.name)
                 continue
             ((height, width),) = group.pool_buckets
-            readers = [FeatureCacheReader.open(index.path, height, len(index)) for index in group.indexes]
+            readers = [
+                FeatureCacheReader.open(index.path, height, len(index), components_fingerprint)
+                for index in group.indexes
+            ]
             if height == width and all(reader is not None for reader in readers):
                 self.cache_readers[number] = readers
             elif any(reader is not None for reader in readers):

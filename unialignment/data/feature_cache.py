@@ -5,11 +5,13 @@ For a JSONL file and a resolution, `write_feature_cache` stores in sharded safet
 the T5 states of the prompt and the teacher's image and text targets, one row per valid record of the file's
 index, plus a `valid` flag for rows whose images could not be read. Storing the posterior rather than one latent
 keeps the sampling noise fresh every epoch, as online encoding does. `FeatureCacheReader` reads single rows
-lazily; a cache whose JSONL file, resolution or format has changed since it was written is not used.
+lazily; a cache whose JSONL file, resolution, format or frozen components (`components_fingerprint`: weights,
+tokenizer, mask embedding, text length) have changed since it was written is not used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +41,40 @@ def _fingerprint(jsonl_path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def components_fingerprint(components: FrozenComponents) -> str:
+    """A digest of what the frozen components compute: the first values of every weight tensor of T5, the VAE and
+    the teacher (enough to tell one checkpoint from another, cheap even at full size), T5's mask-token row (a learned
+    mask embedding replaces it), the tokenizer's vocabulary, the text length, the VAE's latent scaling and the
+    teacher's padding rule. A cache written under another fingerprint would feed a run features of other models."""
+    digest = hashlib.sha256()
+
+    def add(name: str, value) -> None:
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().flatten()[:256].float().cpu().numpy().tobytes())
+        else:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+    def add_module(prefix: str, module: torch.nn.Module) -> None:
+        for name, tensor in module.state_dict().items():
+            add(f"{prefix}.{name}", tensor)
+
+    t5, vae, teacher = components.t5, components.vae, components.teacher
+    add_module("t5", t5.encoder)
+    add("t5.mask_row", t5.encoder.get_input_embeddings().weight[t5.mask_token_id])
+    add("t5.vocab", sorted(t5.tokenizer.get_vocab().items()))
+    add("t5.text_length", t5.max_length)
+    add_module("vae", vae.vae)
+    add("vae.scaling", [vae.vae.config.scaling_factor, vae.vae.config.shift_factor])
+    add("teacher", None if teacher is None else type(teacher).__qualname__)
+    # any teacher with the two target methods plugs in; its weights count where it exposes them
+    module = teacher if isinstance(teacher, torch.nn.Module) else getattr(teacher, "model", None)
+    if isinstance(module, torch.nn.Module):
+        add_module("teacher", module)
+    add("teacher.average_padding", getattr(teacher, "average_padding", None))
+    return digest.hexdigest()[:24]
+
+
 class FeatureCacheReader:
     """Rows of one file's cache. Holds paths, not handles, so it pickles into DataLoader workers."""
 
@@ -49,8 +85,9 @@ class FeatureCacheReader:
         self._pid = os.getpid()
 
     @classmethod
-    def open(cls, jsonl_path: str | Path, resolution: int, num_rows: int) -> FeatureCacheReader | None:
-        """The cache of a file, or None (with a log line saying why) when there is none or it is stale."""
+    def open(cls, jsonl_path: str | Path, resolution: int, num_rows: int, components: str) -> FeatureCacheReader | None:
+        """The cache of a file, or None (with a log line saying why) when there is none or it is stale.
+        `components`: the run's `components_fingerprint`."""
         folder = cache_folder(jsonl_path, resolution)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
@@ -61,6 +98,7 @@ class FeatureCacheReader:
             "resolution": resolution,
             "num_rows": num_rows,
             "source": _fingerprint(Path(jsonl_path)),
+            "components": components,
         }
         stale = [key for key, value in expected.items() if meta.get(key) != value]
         if stale:
@@ -160,6 +198,7 @@ def write_feature_cache(
         "resolution": resolution,
         "num_rows": len(index),
         "source": _fingerprint(Path(index.path)),
+        "components": components_fingerprint(components),
         "shard_size": shard_size,
         "names": names,
         "storage_dtype": str(storage_dtype),

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from unialignment.data.collate import Collator
 from unialignment.data.dataset import UniAlignmentDataset, build_task_groups
+from unialignment.data.feature_cache import components_fingerprint
 from unialignment.data.features import FrozenComponents, prepare_training_batch
 from unialignment.data.sampler import TaskMixingSampler
 from unialignment.frozen.teacher import QwenVLTeacher
@@ -267,7 +268,12 @@ class Trainer:
             schedule=data.schedule,
             num_steps=config.max_steps,
         )
-        self.dataset = UniAlignmentDataset(self.groups, data.max_replacement_attempts, data.use_feature_cache)
+        self.dataset = UniAlignmentDataset(
+            self.groups,
+            data.max_replacement_attempts,
+            data.use_feature_cache,
+            components_fingerprint(self.components) if data.use_feature_cache else None,
+        )
         self.collator = Collator(self.components.t5.tokenizer, self.components.t5.max_length)
 
     def _loader(self) -> DataLoader:
