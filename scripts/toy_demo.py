@@ -130,11 +130,11 @@ def make_untrained_pipeline(out: Path, overrides: dict) -> Path:
 def evaluate(pipeline: Path, data_root: Path, folder: Path, args: argparse.Namespace, image_size: int, text_length):
     """Run every held-out job through inference.py; returns the jobs (with their output files)."""
     outputs = folder / "outputs"
-    jobs = plan_jobs(data_root, outputs, seed=args.seed)
+    jobs = plan_jobs(data_root, outputs, seed=args.seed, text_steps=args.text_steps)
     jobs_file = write_jobs(jobs, folder / "heldout_jobs.jsonl")
     run(
         [
-            sys.executable, "inference.py", "--model", str(pipeline), "--jobs", str(jobs_file),
+            sys.executable, "inference.py", "--model", str(pipeline), "--jobs", str(jobs_file), "--batch-size", "32",
             "--device", "cpu", "--dtype", "float32", "--size", str(image_size), "--steps", str(args.sample_steps),
             "--guidance", str(args.guidance), "--length", str(text_length),
         ],
@@ -152,8 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--stages", type=int, choices=range(1, len(STAGES) + 1), default=len(STAGES), help="train the first N stages"
     )
-    parser.add_argument("--vae-steps", type=int, default=1500, help="most steps of the tiny VAE's training")
-    parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image and text")
+    parser.add_argument("--vae-steps", type=int, default=1000, help="most steps of the tiny VAE's training")
+    parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the tiny T5")
+    parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image")
+    parser.add_argument(
+        "--text-steps", type=int, default=64, help="masked-diffusion steps per caption and answer (SPEC: 64)"
+    )
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance for every image task")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.data is None:
         run([sys.executable, "scripts/make_toy_world.py", "--out", str(data_root), "--seed", str(args.seed)])
     run([sys.executable, "scripts/make_toy_components.py", "--data", str(data_root), "--out", str(out / "components"),
-         "--vae-steps", str(args.vae_steps), "--seed", str(args.seed)])  # fmt: skip
+         "--vae-steps", str(args.vae_steps), "--t5-steps", str(args.t5_steps), "--seed", str(args.seed)])  # fmt: skip
     image_size = dataset_image_size(data_root)
     text_length = dataset_text_length(data_root, load_t5_tokenizer(out / "components" / "tokenizer"))
 

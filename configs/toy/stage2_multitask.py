@@ -8,7 +8,7 @@ data = dict(
         dict(name="t2i", weight=1, datasets=[dict(path="runs/toy/world/train/t2i.jsonl", task="t2i")]),
         dict(
             name="edit",
-            weight=1,
+            weight=2,  # editing is the task this stage adds and the hardest to learn: half of its steps
             datasets=[
                 dict(path="runs/toy/world/train/edit.jsonl", task="edit"),
                 dict(path="runs/toy/world/train/perception.jsonl", task="perception"),
@@ -22,4 +22,4 @@ data = dict(
     ],
 )
 optimizer = dict(warmup_steps=20)
-max_steps = 800
+max_steps = 500

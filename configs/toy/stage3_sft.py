@@ -23,4 +23,4 @@ data = dict(
     ],
 )
 optimizer = dict(warmup_steps=20)
-max_steps = 300
+max_steps = 150

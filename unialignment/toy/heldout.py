@@ -51,8 +51,11 @@ class Job:
     outputs: tuple[Path, ...]
 
 
-def plan_jobs(data_root: str | Path, outputs: str | Path, seed: int = 0) -> list[Job]:
+def plan_jobs(data_root: str | Path, outputs: str | Path, seed: int = 0, text_steps: int | None = None) -> list[Job]:
+    """One job per held-out record (all text-to-image prompts in one job), seeded; `text_steps` sets the sampling
+    steps of the caption and VQA jobs (None: the command line's)."""
     outputs = Path(outputs).resolve()
+    text_options = {} if text_steps is None else {"steps": text_steps}
     jobs = []
     for task, records in read_split(data_root, "heldout").items():
         if task == "t2i":
@@ -65,6 +68,7 @@ def plan_jobs(data_root: str | Path, outputs: str | Path, seed: int = 0) -> list
             if task == "t2i":  # the held-out images are captioned too
                 out = outputs / "caption" / f"{i:05d}.txt"
                 line = {"task": "caption", "image": record.target_image, "output": str(out), "seed": seed + i}
+                line.update(text_options)
                 jobs.append(Job("caption", one, line, (out,)))
             elif task in ("edit", "perception"):
                 out = outputs / task / f"{i:05d}.png"
@@ -80,7 +84,7 @@ def plan_jobs(data_root: str | Path, outputs: str | Path, seed: int = 0) -> list
                 out = outputs / task / f"{i:05d}.txt"
                 question = record.question.replace("<image>", "").strip()
                 line = {"task": "vqa", "image": record.target_image, "question": question, "output": str(out)}
-                jobs.append(Job(task, one, {**line, "seed": seed + i}, (out,)))
+                jobs.append(Job(task, one, {**line, "seed": seed + i, **text_options}, (out,)))
     return jobs
 
 
