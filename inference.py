@@ -414,12 +414,17 @@ def run_jobs(pipe, jobs: list[tuple[str, Call | dict]], batch_size: int = 1) -> 
         batch.clear()
         if not pending:
             return 0
+        generators = [call.kwargs.get("generator") for _, call in pending]
+        states = [None if generator is None else generator.get_state() for generator in generators]
         try:
             results = _run_batch(pipe, [call for _, call in pending])
         except ValueError as error:  # the pipeline's checks of its inputs
             if len(pending) == 1:
                 report(pending[0][0], f"error: {error}")
                 return 1
+            for generator, state in zip(generators, states, strict=True):
+                if generator is not None:  # a retried job starts from its seed again
+                    generator.set_state(state)
             errors = 0
             for item in pending:  # one by one, so that the error names its line
                 batch.append(item)
