@@ -43,8 +43,8 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
 
 
 def test_short_demo_learns_colours_and_positions_of_heldout_prompts(tmp_path):
-    """Stage 1 only (its full 800 steps) on the shapes world, given with --data as a user's folder would be, its
-    held-out split cut to the text-to-image prompts so that the evaluation is quick. About 8 minutes on 2 cores."""
+    """Stage 1 only (800 of its 1000 steps) on the shapes world, given with --data as a user's folder would be, its
+    held-out split cut to the text-to-image prompts so that the evaluation is quick. About 9 minutes on 2 cores."""
     data = tmp_path / "world"
     subprocess.run([sys.executable, "scripts/make_toy_world.py", "--out", str(data)], cwd=REPO, check=True)
     for task in ("edit", "perception", "composition", "vqa"):
@@ -52,7 +52,7 @@ def test_short_demo_learns_colours_and_positions_of_heldout_prompts(tmp_path):
     out = tmp_path / "toy"
     command = [
         sys.executable, "scripts/toy_demo.py", "--data", str(data), "--out", str(out),
-        "--stages", "1", "--vae-steps", "1000",
+        "--stages", "1", "--steps-scale", "0.8",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
