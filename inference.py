@@ -404,7 +404,8 @@ def run_jobs(pipe, jobs: list[tuple[str, Call | dict]], batch_size: int = 1) -> 
     its own seed, so its output is the one it gets alone. If a batch fails, its jobs run one by one, so that the
     error is reported against the line that caused it."""
     failed = 0
-    batch: list[tuple[str, Call]] = []
+    batch: list[tuple[str, Call]] = []  # pending jobs, all of key `batch_key`
+    batch_key = None
 
     def report(where: str, message: str) -> None:
         print(f"{where}: {message}" if where else message, file=sys.stderr)
@@ -442,9 +443,10 @@ def run_jobs(pipe, jobs: list[tuple[str, Call | dict]], batch_size: int = 1) -> 
             failed += 1
             continue
         key = _batch_key(call)
-        if batch and (key is None or key != _batch_key(batch[0][1]) or len(batch) >= batch_size):
+        if batch and (key is None or key != batch_key or len(batch) >= batch_size):
             failed += flush()
         batch.append((where, call))
+        batch_key = key
         if key is None or batch_size == 1:
             failed += flush()
     return failed + flush()
