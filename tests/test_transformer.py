@@ -125,6 +125,23 @@ def test_null_image_for_text_only_samples():
         model(None, text, 0.0)
 
 
+def test_text_positions_break_the_all_mask_symmetry():
+    # T5 states of an all-mask text are the same vector at every position. Without a position table the text
+    # stream then predicts one distribution everywhere; with it, positions differ; off, the model is unchanged.
+    latents, _ = _inputs()
+    text = torch.randn(2, 1, TINY_UNIALIGNMENT_CONFIG["joint_attention_dim"]).expand(2, 6, -1)
+    outputs = {}
+    for enabled in (False, True):
+        model = make_tiny_transformer(text_position_embedding=enabled).eval()
+        with torch.no_grad():
+            outputs[enabled] = model(latents, text, 0.0, return_velocity=False, return_text_logits=True).text_logits
+    plain, positioned = outputs[False], outputs[True]
+    torch.testing.assert_close(plain, plain[:, :1].expand_as(plain))
+    assert (positioned[:, 1:] - positioned[:, :1]).abs().amax() > 1e-2
+    # same weights: the table is the only difference, and it holds no weights to save or load
+    assert make_tiny_transformer().state_dict().keys() == make_tiny_transformer(text_position_embedding=True).state_dict().keys()
+
+
 def test_condition_images_change_the_target_output_and_are_not_decoded():
     model = make_tiny_transformer().eval()
     latents, text = _inputs()

@@ -16,6 +16,12 @@ Changes to SD3 (SPEC section 1):
    appended after it; only the target is decoded;
 7. two alignment heads read the states after block `align_depth`.
 
+Beyond the reference (off by default, so the released checkpoint computes what it always did):
+`text_position_embedding` adds a fixed 1D sin-cos position table to the text tokens. Without it the text
+stream has no absolute positions: T5 is relative-position only, and at an all-mask input every position
+encodes to the same state, so the network predicts the same distribution at every position and the first
+tokens a caption sampler unmasks land at arbitrary places (captions come out rotated or scrambled).
+
 The network knows nothing about noise: losses and samplers live in `unialignment.diffusion` and
 `unialignment.alignment`.
 """
@@ -29,7 +35,12 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, JointTransformerBlock
-from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import (
+    PatchEmbed,
+    TimestepEmbedding,
+    Timesteps,
+    get_1d_sincos_pos_embed_from_grid,
+)
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous
 from diffusers.utils import BaseOutput
@@ -127,6 +138,7 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         alignment_hidden_dim: int = 2048,
         num_null_image_tokens: int = 8,
         align_depth: int = 8,
+        text_position_embedding: bool = False,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -195,6 +207,12 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         # PatchEmbed's output is a transposed view; make it contiguous for the attention kernels.
         return self.pos_embed(latents).contiguous()
 
+    def _text_positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        """(1, length, D) fixed sin-cos table of the text positions 0..length-1 (no weights: nothing to load)."""
+        positions = torch.arange(length, device=like.device)
+        table = get_1d_sincos_pos_embed_from_grid(self.inner_dim, positions, output_type="pt")
+        return table.to(like.dtype).unsqueeze(0)
+
     def _unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(B, H*W/p^2, p*p*C) -> (B, C, H, W)."""
         p, channels = self.config.patch_size, self.out_channels
@@ -256,6 +274,8 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             ]
             image_tokens = torch.cat([image_tokens, *condition_tokens], dim=1)
         text_tokens = self.context_embedder(encoder_hidden_states)
+        if self.config.text_position_embedding:
+            text_tokens = text_tokens + self._text_positions(text_tokens.shape[1], text_tokens)
 
         # BaseOutput only exposes the fields set at construction, so collect them first.
         outputs: dict[str, torch.Tensor] = {}
