@@ -180,6 +180,10 @@ class Trainer:
         self.work_dir = Path(config.work_dir)
         self.accumulation = config.batch.gradient_accumulation_steps(self.ctx.world_size)
         self._set_up_run_folder()
+        if self.ctx.device.type == "cpu":
+            # As weights settle, tiny (denormal) floats appear and slow every CPU matmul that meets them; flushing
+            # them to zero made the toy stages 8-15% faster on 2 cores, with no effect on GPUs.
+            torch.set_flush_denormal(True)
         torch.manual_seed(config.seed + self.ctx.rank)
         # Every random draw of the objective and of latent sampling comes from this generator; it is saved.
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.ctx.rank)
