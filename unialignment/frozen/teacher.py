@@ -133,23 +133,7 @@ class QwenVLTeacher(AlignmentTeacher):
             size = (self.image_size, self.image_size)
             images = [image.resize(size, Image.Resampling.BICUBIC) for image in images]
         inputs = self.image_processor(images=images, return_tensors="pt")
-        # pixel_values: (total patches of all images, C * temporal_patch * patch^2); image_grid_thw: (B, 3).
-        # The vision tower attends within each image only (block-diagonal attention over the
-        # concatenated patches), so batching does not mix images.
-        image_grid_thw = inputs["image_grid_thw"].to(self.device)
-        features = self.model.get_image_features(inputs["pixel_values"].to(self.device), image_grid_thw)
-        # transformers 5 returns an output object whose pooler_output is a tuple of per-image
-        # tensors; earlier versions return that tuple, or one tensor concatenated over images.
-        features = getattr(features, "pooler_output", features)
-        if not isinstance(features, torch.Tensor):
-            features = torch.cat(list(features))
-        merge_size = self.model.config.vision_config.spatial_merge_size
-        tokens_per_image = (image_grid_thw.prod(-1) // merge_size**2).tolist()
-        assert sum(tokens_per_image) == features.shape[0], (
-            f"get_image_features returned {features.shape[0]} tokens; image_grid_thw implies {sum(tokens_per_image)}."
-        )
-        per_image_tokens = torch.split(features.float(), tokens_per_image)  # B x (N_i, dim)
-        return torch.stack([tokens.mean(0) for tokens in per_image_tokens])
+        return mean_image_tokens(self.model, inputs["pixel_values"], inputs["image_grid_thw"])
 
     @torch.no_grad()
     def text_targets(self, texts: list[str]) -> torch.Tensor:
@@ -161,9 +145,44 @@ class QwenVLTeacher(AlignmentTeacher):
             truncation=True,
             return_tensors="pt",
         )
-        token_embeds = self.model.get_input_embeddings()(tokens["input_ids"].to(self.device)).float()  # (B, L, dim)
-        if self.average_padding:
-            return token_embeds.mean(1)
-        real_token_mask = tokens["attention_mask"].to(self.device, torch.float32).unsqueeze(-1)  # (B, L, 1)
-        # An empty caption has no real tokens; clamping gives it a zero target instead of NaN.
-        return (token_embeds * real_token_mask).sum(1) / real_token_mask.sum(1).clamp(min=1.0)
+        return mean_text_embeddings(self.model, tokens["input_ids"], tokens["attention_mask"], self.average_padding)
+
+
+# The two targets as functions of a Qwen2.5-VL model, so that a teacher can also be trained through exactly what
+# it computes (unialignment.toy.teacher). Gradients flow where the caller allows them.
+
+
+def mean_image_tokens(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """(B, dim) float32: per image, the mean of `get_image_features` (the vision tower's merged tokens, already
+    projected to the LLM width). `pixel_values`: the image processor's (total patches, C * temporal * patch^2);
+    `image_grid_thw`: (B, 3)."""
+    device = next(model.parameters()).device
+    image_grid_thw = image_grid_thw.to(device)
+    # The vision tower attends within each image only (block-diagonal attention over the concatenated patches),
+    # so batching does not mix images.
+    features = model.get_image_features(pixel_values.to(device), image_grid_thw)
+    # transformers 5 returns an output object whose pooler_output is a tuple of per-image tensors; earlier
+    # versions return that tuple, or one tensor concatenated over images.
+    features = getattr(features, "pooler_output", features)
+    if not isinstance(features, torch.Tensor):
+        features = torch.cat(list(features))
+    config = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
+    tokens_per_image = (image_grid_thw.prod(-1) // config.spatial_merge_size**2).tolist()
+    assert sum(tokens_per_image) == features.shape[0], (
+        f"get_image_features returned {features.shape[0]} tokens; image_grid_thw implies {sum(tokens_per_image)}."
+    )
+    per_image_tokens = torch.split(features.float(), tokens_per_image)  # B x (N_i, dim)
+    return torch.stack([tokens.mean(0) for tokens in per_image_tokens])
+
+
+def mean_text_embeddings(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, average_padding: bool
+) -> torch.Tensor:
+    """(B, dim) float32: the mean input embedding of each text's tokens; with `average_padding` the padding
+    positions count too, else only real tokens (an empty text gets a zero target instead of NaN)."""
+    device = next(model.parameters()).device
+    token_embeds = model.get_input_embeddings()(input_ids.to(device)).float()  # (B, L, dim)
+    if average_padding:
+        return token_embeds.mean(1)
+    real_token_mask = attention_mask.to(device, torch.float32).unsqueeze(-1)  # (B, L, 1)
+    return (token_embeds * real_token_mask).sum(1) / real_token_mask.sum(1).clamp(min=1.0)
