@@ -149,14 +149,14 @@ class QwenVLTeacher(AlignmentTeacher):
 
 
 # The two targets as functions of a Qwen2.5-VL model, so that a teacher can also be trained through exactly what
-# it computes (unialignment.toy.teacher). Gradients flow where the caller allows them.
+# it computes. Gradients flow where the caller allows them.
 
 
 def mean_image_tokens(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
     """(B, dim) float32: per image, the mean of `get_image_features` (the vision tower's merged tokens, already
     projected to the LLM width). `pixel_values`: the image processor's (total patches, C * temporal * patch^2);
     `image_grid_thw`: (B, 3)."""
-    device = next(model.parameters()).device
+    device = model.device
     image_grid_thw = image_grid_thw.to(device)
     # The vision tower attends within each image only (block-diagonal attention over the concatenated patches),
     # so batching does not mix images.
@@ -166,8 +166,8 @@ def mean_image_tokens(model, pixel_values: torch.Tensor, image_grid_thw: torch.T
     features = getattr(features, "pooler_output", features)
     if not isinstance(features, torch.Tensor):
         features = torch.cat(list(features))
-    config = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
-    tokens_per_image = (image_grid_thw.prod(-1) // config.spatial_merge_size**2).tolist()
+    merge_size = model.config.vision_config.spatial_merge_size
+    tokens_per_image = (image_grid_thw.prod(-1) // merge_size**2).tolist()
     assert sum(tokens_per_image) == features.shape[0], (
         f"get_image_features returned {features.shape[0]} tokens; image_grid_thw implies {sum(tokens_per_image)}."
     )
@@ -180,7 +180,7 @@ def mean_text_embeddings(
 ) -> torch.Tensor:
     """(B, dim) float32: the mean input embedding of each text's tokens; with `average_padding` the padding
     positions count too, else only real tokens (an empty text gets a zero target instead of NaN)."""
-    device = next(model.parameters()).device
+    device = model.device
     token_embeds = model.get_input_embeddings()(input_ids.to(device)).float()  # (B, L, dim)
     if average_padding:
         return token_embeds.mean(1)
