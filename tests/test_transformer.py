@@ -142,6 +142,22 @@ def test_text_positions_break_the_all_mask_symmetry():
     assert make_tiny_transformer().state_dict().keys() == make_tiny_transformer(text_position_embedding=True).state_dict().keys()
 
 
+def test_interpolation_scale_spreads_the_image_position_table(tmp_path):
+    # SD3's table (scale 1) places a small grid's neighbouring positions nearly on top of each other; a smaller scale
+    # spreads them (neighbours' cosine falls), the table is saved with the weights and loaded back unchanged.
+    def neighbour_cosine(model) -> float:
+        table = model.pos_embed.cropped_pos_embed(8, 8)[0]  # the 4 x 4 token grid of an 8 x 8 latent
+        return float(torch.cosine_similarity(table[5], table[6], dim=0))
+
+    sd3, spread = make_tiny_transformer(), make_tiny_transformer(interpolation_scale=0.125)
+    assert neighbour_cosine(sd3) > 0.99 and neighbour_cosine(spread) < 0.95
+    assert sd3.state_dict().keys() == spread.state_dict().keys()
+    spread.save_pretrained(tmp_path)
+    loaded = UniAlignmentTransformer.from_pretrained(tmp_path)
+    assert loaded.config.interpolation_scale == 0.125
+    torch.testing.assert_close(loaded.pos_embed.pos_embed, spread.pos_embed.pos_embed)
+
+
 def test_condition_images_change_the_target_output_and_are_not_decoded():
     model = make_tiny_transformer().eval()
     latents, text = _inputs()

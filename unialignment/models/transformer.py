@@ -21,6 +21,11 @@ Beyond the reference (off by default, so the released checkpoint computes what i
 stream has no absolute positions: T5 is relative-position only, and at an all-mask input every position
 encodes to the same state, so the network predicts the same distribution at every position and the first
 tokens a caption sampler unmasks land at arbitrary places (captions come out rotated or scrambled).
+`interpolation_scale` (diffusers' `PatchEmbed` argument; SD3 uses 1) divides the positions of the image tokens'
+sin-cos table: below 1 it spreads them apart. On a small token grid SD3's table puts neighbouring positions almost
+on top of each other (cosine 0.996 between neighbours of an 8 x 8 grid at width 128), so attention can hardly tell
+a token's own place from the next, which an edit needs to copy its source image place by place. The table is
+stored with the weights, so a checkpoint keeps the table it was trained with.
 
 The network knows nothing about noise: losses and samplers live in `unialignment.diffusion` and
 `unialignment.alignment`.
@@ -139,6 +144,7 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         num_null_image_tokens: int = 8,
         align_depth: int = 8,
         text_position_embedding: bool = False,
+        interpolation_scale: float = 1.0,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -159,6 +165,7 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             in_channels=in_channels,
             embed_dim=inner_dim,
             pos_embed_max_size=pos_embed_max_size,
+            interpolation_scale=interpolation_scale,
         )
         # Authors' name: in SD3 this module also held the pooled-text projection, now removed (change 2).
         self.time_text_embed = TimestepConditioning(inner_dim)
