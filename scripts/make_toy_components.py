@@ -6,8 +6,10 @@ The tokenizer (sentencepiece unigram with T5's `<extra_id_*>` sentinels, `<extra
 on every text of the folder's two splits; the VAE (a tiny AutoencoderKL) is trained on the training split's images
 until its reconstructions reach --vae-psnr dB, and its latent scaling is then set from the data; the T5 encoder is
 pretrained for --t5-steps steps to fill masked tokens of the folder's texts, as the real T5 was pretrained on text;
-the Qwen2.5-VL teacher is a tiny random network. Each is an ordinary `from_pretrained` folder under OUT, loaded
-later through the same code as the full-size components. Existing folders are reused; delete one to rebuild it.
+the tiny Qwen2.5-VL teacher is trained for --teacher-steps steps to match the training images with their captions
+(CLIP's contrastive loss on exactly the two targets the alignment loss reads), as the real one knows images and
+text. Each is an ordinary `from_pretrained` folder under OUT, loaded later through the same code as the full-size
+components. Existing folders are reused; delete one to rebuild it.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=2000, help="most VAE training steps")
     parser.add_argument("--vae-psnr", type=float, default=31.0, help="stop training the VAE at this PSNR (dB)")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the encoder")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="image-caption steps of the teacher (0: random)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         folders, report = make_dataset_components(
-            args.data, args.out, args.vae_steps, args.vae_psnr, t5_steps=args.t5_steps, seed=args.seed
+            args.data,
+            args.out,
+            args.vae_steps,
+            args.vae_psnr,
+            t5_steps=args.t5_steps,
+            teacher_steps=args.teacher_steps,
+            seed=args.seed,
         )
     except DatasetFolderError as error:
         parser.exit(2, f"error: {error}\n")
@@ -46,7 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         vae = report.vae
         print(f"vae:          {folders.vae} ({vae.steps} steps, {vae.psnr:.1f} dB at {report.image_size} px)")
-    print(f"teacher:      {folders.teacher}")
+    if report.teacher is None:
+        print(f"teacher:      {folders.teacher} (reused, or random with --teacher-steps 0)")
+    else:
+        teacher = report.teacher
+        print(
+            f"teacher:      {folders.teacher} ({teacher.steps} steps, image-caption loss {teacher.first_loss:.2f} "
+            f"-> {teacher.last_loss:.2f}, caption retrieval {teacher.retrieval_before:.2f} "
+            f"-> {teacher.retrieval_after:.2f})"
+        )
 
 
 if __name__ == "__main__":

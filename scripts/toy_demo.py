@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--vae-steps", type=int, default=1000, help="most steps of the tiny VAE's training")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the tiny T5")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="image-caption steps of the tiny teacher")
     parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument(
         "--text-steps", type=int, default=64, help="masked-diffusion steps per caption and answer (SPEC: 64)"
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.data is None:
         run([sys.executable, "scripts/make_toy_world.py", "--out", str(data_root), "--seed", str(args.seed)])
     run([sys.executable, "scripts/make_toy_components.py", "--data", str(data_root), "--out", str(out / "components"),
-         "--vae-steps", str(args.vae_steps), "--t5-steps", str(args.t5_steps), "--seed", str(args.seed)])  # fmt: skip
+         "--vae-steps", str(args.vae_steps), "--t5-steps", str(args.t5_steps),
+         "--teacher-steps", str(args.teacher_steps), "--seed", str(args.seed)])  # fmt: skip
     image_size = dataset_image_size(data_root)
     text_length = dataset_text_length(data_root, load_t5_tokenizer(out / "components" / "tokenizer"))
 

@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     out = tmp_path / "toy"
     command = [
         sys.executable, "scripts/toy_demo.py", "--out", str(out),
-        "--steps-scale", "0.01", "--vae-steps", "5", "--sample-steps", "2", "--text-steps", "2",
+        "--steps-scale", "0.01", "--vae-steps", "5", "--teacher-steps", "2", "--sample-steps", "2", "--text-steps", "2",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

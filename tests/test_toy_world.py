@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, T5EncoderModel
 
 from unialignment.data.records import TaskKind
+from unialignment.frozen.teacher import QwenVLTeacher
 from unialignment.frozen.text_encoder import load_t5_tokenizer, mask_token_id
 from unialignment.toy.checker import colours_in, find_objects, mask_iou, positions_in, shapes_in
 from unialignment.toy.components import dataset_text_length, make_dataset_components
 from unialignment.toy.folder import DatasetFolderError, read_split, split_files
 from unialignment.toy.heldout import checks_world, format_table, objects_in, plan_jobs, score_outputs
 from unialignment.toy.t5 import make_tiny_t5, pretrain_tiny_t5
+from unialignment.toy.teacher import make_tiny_teacher, pretrain_tiny_teacher
 from unialignment.toy.vae import TINY_VAE_CONFIG, images_to_tensor, reconstruction_psnr, train_vae
 from unialignment.toy.world import (
     Scene,
@@ -230,3 +232,28 @@ def test_t5_pretraining_tells_masked_positions_apart(tmp_path):
     report = pretrain_tiny_t5(tokenizer_dir, encoder_dir, corpus, steps=200)
     assert report.last_loss < 0.5 * report.first_loss
     assert gap() > 5 * before
+
+
+def test_teacher_pretraining_matches_images_with_their_captions(tmp_path):
+    """After a short contrastive training, the saved teacher's image target of each picture is closer to its own
+    caption's text target than to any other caption's, as loaded by the trainer's own `QwenVLTeacher`."""
+    colours = {"teal": (0, 128, 128), "pink": (255, 105, 180), "plum": (142, 69, 133), "gold": (255, 200, 0)}
+    images, captions = [], []
+    for name, rgb in colours.items():
+        for shape in ("blob", "bar"):
+            image = Image.new("RGB", (64, 64), (245, 245, 245))
+            box = (16, 16, 48, 48) if shape == "blob" else (8, 26, 56, 38)
+            ImageDraw.Draw(image).rectangle(box, fill=rgb)
+            path = tmp_path / f"{name}_{shape}.png"
+            image.save(path)
+            images.append(path)
+            captions.append(f"a {name} {shape}")
+    folder = make_tiny_teacher(tmp_path / "teacher", corpus=captions * 10)
+    report = pretrain_tiny_teacher(folder, images * 4, captions * 4, steps=80, batch_size=16, text_length=8)
+    assert report.last_loss < 0.5 * report.first_loss
+    assert report.retrieval_before < 0.5 and report.retrieval_after == 1.0
+
+    teacher = QwenVLTeacher.from_pretrained(folder, torch.float32, max_text_length=8)
+    image_targets = torch.nn.functional.normalize(teacher.image_targets([Image.open(p) for p in images]), dim=-1)
+    text_targets = torch.nn.functional.normalize(teacher.text_targets(captions), dim=-1)
+    assert torch.equal((image_targets @ text_targets.T).argmax(-1), torch.arange(len(captions)))

@@ -13,11 +13,11 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from unialignment.frozen.teacher import QwenVLTeacher
-from unialignment.frozen.text_encoder import FrozenT5
+from unialignment.frozen.text_encoder import FrozenT5, load_t5_tokenizer
 from unialignment.frozen.vae import FrozenVAE
 from unialignment.toy.folder import images_of, read_split, texts_of
 from unialignment.toy.t5 import T5PretrainingReport, make_tiny_t5, pretrain_tiny_t5
-from unialignment.toy.teacher import make_tiny_teacher
+from unialignment.toy.teacher import TeacherPretrainingReport, make_tiny_teacher, pretrain_tiny_teacher
 from unialignment.toy.vae import TINY_VAE_CONFIG, VAETrainingReport, images_to_tensor, make_tiny_vae, train_vae
 
 
@@ -63,6 +63,7 @@ class DatasetComponentsReport:
     image_size: int
     t5: T5PretrainingReport | None  # None when an existing encoder folder was reused
     vae: VAETrainingReport | None  # None when an existing VAE folder was reused
+    teacher: TeacherPretrainingReport | None  # None when an existing teacher folder was reused
 
 
 def make_dataset_components(
@@ -71,13 +72,16 @@ def make_dataset_components(
     vae_max_steps: int = 2000,
     vae_target_psnr: float = 31.0,
     t5_steps: int = 400,
+    teacher_steps: int = 300,
     seed: int = 0,
 ) -> tuple[TinyComponentFolders, DatasetComponentsReport]:
     """Tiny frozen components fitted to one dataset folder (`unialignment.toy.folder` layout): a T5 tokenizer
     trained on every text of both splits (so held-out prompts tokenise without unknown pieces), a tiny T5 encoder
     over it pretrained for `t5_steps` steps to fill masked tokens of those texts (`pretrain_tiny_t5`), a tiny VAE
-    trained on the training split's images until it reconstructs them, and a tiny teacher. A component whose
-    folder already exists is reused, so a second run costs nothing."""
+    trained on the training split's images until it reconstructs them, and a tiny Qwen2.5-VL teacher trained for
+    `teacher_steps` steps to match the training split's images with their captions (`pretrain_tiny_teacher`; its
+    text targets padded to `dataset_text_length`, as the demo's trainer computes them). A component whose folder
+    already exists is reused, so a second run costs nothing."""
     folder = Path(folder)
     folders = TinyComponentFolders(folder / "tokenizer", folder / "text_encoder", folder / "vae", folder / "teacher")
     train, heldout = read_split(data_root, "train"), read_split(data_root, "heldout")
@@ -85,10 +89,10 @@ def make_dataset_components(
     image_paths = images_of(train_records)
     image_size = _common_side(image_paths)
 
+    # every text with its repeats: word frequencies are what the tokenizer trainers learn pieces from
+    corpus = texts_of(train_records + [record for records in heldout.values() for record in records])
     t5_report = None
     if not (folders.text_encoder / "config.json").is_file():
-        # every text with its repeats: word frequencies are what the tokenizer trainer learns pieces from
-        corpus = texts_of(train_records + [record for records in heldout.values() for record in records])
         make_tiny_t5(folder, corpus=corpus, seed=seed, model_type="bpe")
         if t5_steps > 0:
             t5_report = pretrain_tiny_t5(folders.tokenizer, folders.text_encoder, corpus, steps=t5_steps, seed=seed)
@@ -100,10 +104,18 @@ def make_dataset_components(
         pixels = images_to_tensor([Image.open(path) for path in image_paths], image_size)
         vae_report = train_vae(vae, pixels, max_steps=vae_max_steps, target_psnr=vae_target_psnr, seed=seed)
         vae.save_pretrained(folders.vae)
+    teacher_report = None
     if not (folders.teacher / "config.json").is_file():
-        make_tiny_teacher(folders.teacher, seed=seed)
+        make_tiny_teacher(folders.teacher, seed=seed, corpus=corpus)
+        pairs = [(r.target_image, r.caption) for r in train_records if r.caption and not r.question]
+        if teacher_steps > 0 and pairs:
+            images, captions = zip(*pairs, strict=True)
+            text_length = dataset_text_length(data_root, load_t5_tokenizer(folders.tokenizer))
+            teacher_report = pretrain_tiny_teacher(
+                folders.teacher, list(images), list(captions), steps=teacher_steps, text_length=text_length, seed=seed
+            )
     vocab_size = len(AutoTokenizer.from_pretrained(folders.tokenizer))
-    return folders, DatasetComponentsReport(vocab_size, image_size, t5_report, vae_report)
+    return folders, DatasetComponentsReport(vocab_size, image_size, t5_report, vae_report, teacher_report)
 
 
 def dataset_image_size(data_root: Path) -> int:

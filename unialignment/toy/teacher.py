@@ -1,4 +1,5 @@
-"""Tiny real Qwen2.5-VL teacher for tests, built locally in a second or two.
+"""Tiny real Qwen2.5-VL teacher, built locally in a second or two, and a short contrastive pretraining of it on a
+dataset's image-caption pairs (CLIP's objective, Radford et al. 2021).
 
 The folder has the layout of a Qwen2.5-VL checkpoint: config and weights saved by
 `Qwen2_5_VLForConditionalGeneration.save_pretrained`, a Qwen2 byte-level BPE tokenizer trained here
@@ -9,12 +10,24 @@ on a small caption corpus, and a Qwen2-VL image processor whose pixel budget tur
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
+from tqdm.auto import tqdm
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+)
 
+from unialignment.frozen.teacher import mean_image_tokens, mean_text_embeddings
 from unialignment.toy.t5 import caption_corpus
 
 # The special tokens of Qwen2.5-VL's tokenizer that its processor and config refer to.
@@ -32,8 +45,8 @@ PATCH_SIZE = 14
 MERGE_SIZE = 2
 
 
-def make_tiny_tokenizer(vocab_size: int = 320) -> Qwen2Tokenizer:
-    """A Qwen2 tokenizer over a byte-level BPE trained on the tiny caption corpus."""
+def make_tiny_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer over a byte-level BPE trained on `corpus` (default: the tiny caption corpus)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -42,7 +55,7 @@ def make_tiny_tokenizer(vocab_size: int = 320) -> Qwen2Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes, as in Qwen2
         show_progress=False,
     )
-    bpe.train_from_iterator(caption_corpus(), trainer)
+    bpe.train_from_iterator(caption_corpus() if corpus is None else corpus, trainer)
     bpe_model = json.loads(bpe.to_str())["model"]
     # transformers 5's Qwen2Tokenizer builds Qwen2's pre-tokenizer and decoder around a given
     # vocabulary and merge list, so only those two are carried over.
@@ -53,10 +66,12 @@ def make_tiny_tokenizer(vocab_size: int = 320) -> Qwen2Tokenizer:
     )
 
 
-def make_tiny_teacher(folder: Path, seed: int = 0) -> Path:
-    """Build and save a tiny Qwen2.5-VL checkpoint into `folder`; returns `folder`."""
+def make_tiny_teacher(folder: Path, seed: int = 0, corpus: list[str] | None = None) -> Path:
+    """Build and save a tiny Qwen2.5-VL checkpoint into `folder`, its tokenizer trained on `corpus` (default: the
+    tiny caption corpus); returns `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tiny_tokenizer()
+    # A dataset's corpus gets room for its words to merge whole (256 byte pieces come first).
+    tokenizer = make_tiny_tokenizer(vocab_size=320 if corpus is None else 1024, corpus=corpus)
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -110,3 +125,120 @@ def make_tiny_teacher(folder: Path, seed: int = 0) -> Path:
     )
     image_processor.save_pretrained(folder)
     return folder
+
+
+@dataclass
+class TeacherPretrainingReport:
+    steps: int
+    first_loss: float  # symmetric InfoNCE of the first batch
+    last_loss: float  # mean over the last tenth of the steps
+    retrieval_before: float  # image -> caption top-1 accuracy over the distinct pairs, before training
+    retrieval_after: float  # the same after training
+
+
+def pretrain_tiny_teacher(
+    folder: Path,
+    images: list[str | Path],
+    captions: list[str],
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    temperature: float = 0.07,
+    average_padding: bool = True,
+    text_length: int = 256,
+    seed: int = 0,
+) -> TeacherPretrainingReport:
+    """Train the saved tiny teacher in place so that its two alignment targets agree on matching image-caption
+    pairs, then save it over itself.
+
+    Why: the intrinsic-modal loss pulls the transformer's block states toward the teacher's image and text targets.
+    The real Qwen2.5-VL was trained on billions of pairs, so its mean vision token and its mean caption embedding
+    both say what a picture shows; a random tiny teacher's targets are noise, and aligning to noise says nothing
+    about what alignment does. This gives the tiny one the same kind of knowledge of its dataset: the vision tower
+    and the input embeddings (exactly what the two targets read, `mean_image_tokens` and `mean_text_embeddings`,
+    with the run's padding rule and text length) are trained with the symmetric InfoNCE of CLIP between the two.
+    Pairs that share a caption are all positives of each other, so repeated descriptions are not pushed apart.
+    """
+    folder = Path(folder)
+    if len(images) != len(captions) or not images:
+        raise ValueError(
+            f"pretrain_tiny_teacher needs as many images as captions (got {len(images)} and {len(captions)})"
+        )
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    teacher = model.model
+
+    # Every distinct image is preprocessed once; the processor's patches are concatenated over a batch.
+    distinct_images = sorted(set(map(str, images)))
+    image_index = {path: i for i, path in enumerate(distinct_images)}
+    patches, grids = [], []
+    for path in distinct_images:
+        with Image.open(path) as image:
+            processed = image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        patches.append(processed["pixel_values"])
+        grids.append(processed["image_grid_thw"])
+    distinct_captions = sorted(set(captions))
+    caption_index = {caption: i for i, caption in enumerate(distinct_captions)}
+    tokens = tokenizer(
+        distinct_captions,
+        padding="max_length" if average_padding else "longest",
+        max_length=text_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    pairs = torch.tensor([(image_index[str(i)], caption_index[c]) for i, c in zip(images, captions, strict=True)])
+
+    def targets(pair_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_rows, caption_rows = pair_rows[:, 0].tolist(), pair_rows[:, 1]
+        image_features = mean_image_tokens(
+            teacher, torch.cat([patches[i] for i in image_rows]), torch.cat([grids[i] for i in image_rows])
+        )
+        text_features = mean_text_embeddings(
+            teacher, tokens["input_ids"][caption_rows], tokens["attention_mask"][caption_rows], average_padding
+        )
+        return image_features, text_features
+
+    @torch.no_grad()
+    def retrieval() -> float:
+        """Top-1 image -> caption accuracy over one image per distinct caption (ties in captions are one class)."""
+        first_pair = {}
+        for row in pairs.tolist():
+            first_pair.setdefault(row[1], row)
+        rows = torch.tensor(list(first_pair.values()))
+        correct = 0
+        for start in range(0, len(rows), 256):
+            chunk = rows[start : start + 256]
+            image_features = targets(chunk)[0]
+            text_features = mean_text_embeddings(
+                teacher, tokens["input_ids"], tokens["attention_mask"], average_padding
+            )
+            best = (F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T).argmax(-1)
+            correct += int((best == chunk[:, 1]).sum())
+        return correct / len(rows)
+
+    teacher.requires_grad_(False)
+    trained = [*teacher.visual.parameters(), teacher.get_input_embeddings().weight]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    before = retrieval()
+    teacher.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="teacher image-caption", leave=False):
+        batch = pairs[torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=generator)]
+        image_features, text_features = targets(batch)
+        logits = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T / temperature
+        same_caption = (batch[:, 1, None] == batch[None, :, 1]).float()
+        positives = same_caption / same_caption.sum(-1, keepdim=True)
+        loss = (F.cross_entropy(logits, positives) + F.cross_entropy(logits.T, positives)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    teacher.eval().requires_grad_(False)
+    after = retrieval()
+    model.save_pretrained(folder)
+    tail = losses[-max(1, steps // 10) :]
+    return TeacherPretrainingReport(steps, losses[0], sum(tail) / len(tail), before, after)
