@@ -139,7 +139,10 @@ def test_text_positions_break_the_all_mask_symmetry():
     torch.testing.assert_close(plain, plain[:, :1].expand_as(plain))
     assert (positioned[:, 1:] - positioned[:, :1]).abs().amax() > 1e-2
     # same weights: the table is the only difference, and it holds no weights to save or load
-    assert make_tiny_transformer().state_dict().keys() == make_tiny_transformer(text_position_embedding=True).state_dict().keys()
+    assert (
+        make_tiny_transformer().state_dict().keys()
+        == make_tiny_transformer(text_position_embedding=True).state_dict().keys()
+    )
 
 
 def test_interpolation_scale_spreads_the_image_position_table(tmp_path):
