@@ -68,9 +68,11 @@ def stage_overrides(
     text_length: int,
     steps_scale: float,
     no_alignment: bool,
-) -> dict:
-    """The stage config's data and component paths pointed at this demo's folders; groups whose files the dataset
-    lacks are dropped (a stage with none left is an error)."""
+    previous: str | None,
+) -> dict | None:
+    """The stage config's data and component paths pointed at this demo's folders, starting from the EMA export of
+    the `previous` stage (None: from scratch). Groups whose files the dataset lacks are dropped; a stage with none
+    left returns None (the demo skips it)."""
     config = load_config(REPO / "configs" / "toy" / f"{stage}.py")
     train = split_files(data_root, "train")
     groups = []
@@ -79,8 +81,7 @@ def stage_overrides(
         if datasets:
             groups.append(dict(group, datasets=datasets))
     if not groups:
-        needs = sorted({d["task"] for group in config.data.groups for d in group["datasets"]})
-        raise DatasetFolderError(f"{data_root}/train: {stage} needs one of {needs} (.jsonl)")
+        return None
     components = out / "components"
     overrides = {
         "work_dir": str(variant / stage),
@@ -94,9 +95,8 @@ def stage_overrides(
         "components.text_length": text_length,
         "max_steps": max(1, round(config.max_steps * steps_scale)),
     }
-    previous = STAGES.index(stage) - 1
-    if previous >= 0:
-        overrides["model.load_from"] = str(variant / STAGES[previous] / "export" / "ema")
+    if previous is not None:
+        overrides["model.load_from"] = str(variant / previous / "export" / "ema")
     if no_alignment:
         overrides.update(ALIGNMENT_OFF)
     return overrides
@@ -111,13 +111,13 @@ def as_arguments(overrides: dict) -> list[str]:
     return [f"--{key}={literal(value)}" for key, value in overrides.items()]
 
 
-def make_untrained_pipeline(out: Path, overrides: dict) -> Path:
-    """The stage-1 model at its initial weights (the trainer's seed and construction) with the stage's frozen
-    components and text length, saved as a pipeline."""
+def make_untrained_pipeline(out: Path, stage: str, overrides: dict) -> Path:
+    """The first trained stage's model at its initial weights (the trainer's seed and construction, as if that stage
+    started from scratch) with the stage's frozen components and text length, saved as a pipeline."""
     pipeline = out / "untrained" / "pipeline"
     if (pipeline / "model_index.json").is_file():
         return pipeline
-    config = load_config(REPO / "configs" / "toy" / f"{STAGES[0]}.py", {**overrides, "model.load_from": None})
+    config = load_config(REPO / "configs" / "toy" / f"{stage}.py", {**overrides, "model.load_from": None})
     torch.manual_seed(config.seed)
     vocab_size = len(load_t5_tokenizer(config.components.tokenizer))
     model, _ = build_transformer(config, vocab_size)
@@ -175,14 +175,20 @@ def main(argv: list[str] | None = None) -> dict:
     text_length = dataset_text_length(data_root, load_t5_tokenizer(out / "components" / "tokenizer"))
 
     variant = out / VARIANTS[args.no_alignment]
-    overrides = {}
-    stages = STAGES[: args.stages]
-    for stage in stages:
-        overrides[stage] = stage_overrides(
-            stage, out, variant, data_root, image_size, text_length, args.steps_scale, args.no_alignment
+    overrides, previous = {}, None
+    for stage in STAGES[: args.stages]:
+        stage_settings = stage_overrides(
+            stage, out, variant, data_root, image_size, text_length, args.steps_scale, args.no_alignment, previous
         )
+        if stage_settings is None:
+            print(f"skipping {stage}: {data_root / 'train'} has none of its tasks", flush=True)
+            continue
+        overrides[stage], previous = stage_settings, stage
+    if not overrides:
+        raise DatasetFolderError(f"{data_root}/train: no task file that any of the first {args.stages} stages trains")
+    stages = list(overrides)
 
-    untrained = make_untrained_pipeline(out, overrides[STAGES[0]])
+    untrained = make_untrained_pipeline(out, stages[0], overrides[stages[0]])
     baseline_jobs = evaluate(untrained, data_root, out / "untrained", args, image_size, text_length)
     for stage in stages:
         run(["bash", "train_unialignment.sh", f"configs/toy/{stage}.py", *as_arguments(overrides[stage])])

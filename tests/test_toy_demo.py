@@ -8,6 +8,7 @@ held-out text-to-image colours and positions are well above the untrained baseli
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,8 +44,8 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
 
 
 def test_short_demo_learns_colours_and_positions_of_heldout_prompts(tmp_path):
-    """Stage 1 only (800 of its 1000 steps) on the shapes world, given with --data as a user's folder would be, its
-    held-out split cut to the text-to-image prompts so that the evaluation is quick. About 9 minutes on 2 cores."""
+    """Stage 1 only (960 of its 1200 steps) on the shapes world, given with --data as a user's folder would be, its
+    held-out split cut to the text-to-image prompts so that the evaluation is quick. About 6 minutes on 2 cores."""
     data = tmp_path / "world"
     subprocess.run([sys.executable, "scripts/make_toy_world.py", "--out", str(data)], cwd=REPO, check=True)
     for task in ("edit", "perception", "composition", "vqa"):
@@ -62,3 +63,32 @@ def test_short_demo_learns_colours_and_positions_of_heldout_prompts(tmp_path):
     # held-out prompts name colour-shape-position combinations that no training image shows
     for metric in ("t2i colour", "t2i position"):
         assert trained[metric] >= untrained[metric] + 0.3, (metric, untrained, trained)
+
+
+def _toy_demo_module():
+    spec = importlib.util.spec_from_file_location("toy_demo", REPO / "scripts" / "toy_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stage_with_none_of_its_tasks_is_skipped_and_the_next_starts_from_the_last_trained(tmp_path):
+    # A user's folder with text-to-image and questions only: stage 2 trains editing only, so it is skipped, and
+    # stage 3 keeps the groups the folder has and starts from stage 1's export.
+    toy_demo = _toy_demo_module()
+    data, out = tmp_path / "data", tmp_path / "toy"
+    (data / "train").mkdir(parents=True)
+    for task in ("t2i", "vqa"):
+        (data / "train" / f"{task}.jsonl").write_text("")
+    variant = out / "aligned"
+    common = dict(out=out, variant=variant, data_root=data, image_size=32, text_length=12, steps_scale=0.5)
+    stage2 = toy_demo.stage_overrides("stage2_multitask", **common, no_alignment=False, previous="stage1_t2i_caption")
+    assert stage2 is None
+    stage3 = toy_demo.stage_overrides("stage3_sft", **common, no_alignment=True, previous="stage1_t2i_caption")
+    assert [group["name"] for group in stage3["data.groups"]] == ["t2i", "vqa"]
+    assert stage3["data.groups"][0]["datasets"][0]["path"] == str(data / "train" / "t2i.jsonl")
+    assert stage3["model.load_from"] == str(variant / "stage1_t2i_caption" / "export" / "ema")
+    assert stage3["model.config.sample_size"] == 8 and stage3["components.text_length"] == 12
+    assert stage3["max_steps"] == 200  # half of stage 3's 400
+    # --no-alignment: both alignment losses off and no teacher loaded
+    assert stage3["components.teacher"] is None and stage3["objective.weights.align_image"] == 0.0
