@@ -89,6 +89,7 @@ def test_a_stage_with_none_of_its_tasks_is_skipped_and_the_next_starts_from_the_
     assert stage3["data.groups"][0]["datasets"][0]["path"] == str(data / "train" / "t2i.jsonl")
     assert stage3["model.load_from"] == str(variant / "stage1_t2i_caption" / "export" / "ema")
     assert stage3["model.config.sample_size"] == 8 and stage3["components.text_length"] == 12
-    assert stage3["max_steps"] == 200  # half of stage 3's 400
+    stage3_config = toy_demo.load_config(REPO / "configs" / "toy" / "stage3_sft.py")
+    assert stage3["max_steps"] == round(stage3_config.max_steps * 0.5)  # --steps-scale 0.5
     # --no-alignment: both alignment losses off and no teacher loaded
     assert stage3["components.teacher"] is None and stage3["objective.weights.align_image"] == 0.0
