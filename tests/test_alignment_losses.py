@@ -30,6 +30,24 @@ def test_contrastive_loss_on_orthonormal_pairs():
     assert contrastive_loss(same, same).item() == pytest.approx(math.log(batch), rel=1e-5)
 
 
+def test_contrastive_loss_with_repeated_captions_as_shared_positives():
+    # Rows 0 and 1 are the same pair twice: each row's target is split between them, row 2 matches itself.
+    temperature = 0.5
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    positives = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    e = math.exp(1 / temperature)
+    duplicated_row = -math.log(e / (2 * e + 1))  # half the target on each of two equal logits
+    single_row = -math.log(e / (e + 2))
+    expected = (2 * duplicated_row + single_row) / 3
+    loss = contrastive_loss(features, features, temperature, positives=positives)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # the identity as positives is the default diagonal target
+    image, text = torch.randn(4, 8), torch.randn(4, 8)
+    assert contrastive_loss(image, text, positives=torch.eye(4)).item() == pytest.approx(
+        contrastive_loss(image, text).item(), rel=1e-6
+    )
+
+
 def test_contrastive_loss_is_symmetric_in_its_directions():
     image, text = torch.randn(6, 8), torch.randn(6, 8)
     assert contrastive_loss(image, text).item() == pytest.approx(contrastive_loss(text, image).item(), rel=1e-6)

@@ -27,6 +27,7 @@ def contrastive_loss(
     text_features: torch.Tensor,
     temperature: float = 0.07,
     gather_across_ranks: bool = False,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(CE(logits, diag) + CE(logits^T, diag)) / 2 with logits = f_img f_txt^T / temperature.
 
@@ -34,11 +35,16 @@ def contrastive_loss(
     Reference negatives are the local micro-batch. With `gather_across_ranks` (beyond the reference)
     every rank's features are gathered, with gradients, and the local rows are scored against all of
     them; the mean of the ranks' losses then equals the loss of the whole global batch. All ranks must
-    hold the same micro-batch size.
+    hold the same micro-batch size. `positives` (B, B), symmetric with rows summing to 1, replaces the
+    diagonal target where several rows of a batch match each other (a caption repeated, say); local only.
     """
+    if positives is not None and gather_across_ranks:
+        raise ValueError(
+            "contrastive_loss: positives are local to the batch; they cannot be used with gather_across_ranks."
+        )
     image_features = F.normalize(image_features.float(), dim=-1)
     text_features = F.normalize(text_features.float(), dim=-1)
-    labels = torch.arange(image_features.shape[0], device=image_features.device)
+    labels = torch.arange(image_features.shape[0], device=image_features.device) if positives is None else positives
     all_image_features, all_text_features = image_features, text_features
     if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         all_image_features = torch.cat(all_gather(image_features), dim=0)

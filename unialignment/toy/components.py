@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from unialignment.frozen.teacher import QwenVLTeacher
 from unialignment.frozen.text_encoder import FrozenT5, load_t5_tokenizer
 from unialignment.frozen.vae import FrozenVAE
-from unialignment.toy.folder import images_of, read_split, texts_of
+from unialignment.toy.folder import SPLITS, images_of, read_split, texts_of
 from unialignment.toy.t5 import T5PretrainingReport, make_tiny_t5, pretrain_tiny_t5
 from unialignment.toy.teacher import TeacherPretrainingReport, make_tiny_teacher, pretrain_tiny_teacher
 from unialignment.toy.vae import TINY_VAE_CONFIG, VAETrainingReport, images_to_tensor, make_tiny_vae, train_vae
@@ -89,8 +89,9 @@ def make_dataset_components(
     image_paths = images_of(train_records)
     image_size = _common_side(image_paths)
 
+    every_record = train_records + [record for records in heldout.values() for record in records]
     # every text with its repeats: word frequencies are what the tokenizer trainers learn pieces from
-    corpus = texts_of(train_records + [record for records in heldout.values() for record in records])
+    corpus = texts_of(every_record)
     t5_report = None
     if not (folders.text_encoder / "config.json").is_file():
         make_tiny_t5(folder, corpus=corpus, seed=seed, model_type="bpe")
@@ -110,7 +111,7 @@ def make_dataset_components(
         pairs = [(r.target_image, r.caption) for r in train_records if r.caption and not r.question]
         if teacher_steps > 0 and pairs:
             images, captions = zip(*pairs, strict=True)
-            text_length = dataset_text_length(data_root, load_t5_tokenizer(folders.tokenizer))
+            text_length = _text_length(every_record, load_t5_tokenizer(folders.tokenizer))
             teacher_report = pretrain_tiny_teacher(
                 folders.teacher, list(images), list(captions), steps=teacher_steps, text_length=text_length, seed=seed
             )
@@ -128,12 +129,16 @@ def dataset_text_length(data_root: Path, tokenizer, limit: int = 256) -> int:
     """Tokens the longest text of a dataset folder needs with its `</s>` (a question and its answer share one
     text), at most `limit`. The demo trains and samples at this length: padding is what a young text stream
     predicts everywhere, so the less of it the better, and no text of the folder is cut."""
+    records = [record for split in SPLITS for records in read_split(data_root, split).values() for record in records]
+    return _text_length(records, tokenizer, limit)
+
+
+def _text_length(records: list, tokenizer, limit: int = 256) -> int:
+    """`dataset_text_length` over records already read."""
     texts = set()  # the worlds repeat their texts thousands of times: tokenize each distinct one once
-    for split in ("train", "heldout"):
-        for records in read_split(data_root, split).values():
-            for record in records:
-                texts.add((record.prompt,))
-                texts.add((record.question, record.caption) if record.question else (record.caption,))
+    for record in records:
+        texts.add((record.prompt,))
+        texts.add((record.question, record.caption) if record.question else (record.caption,))
     longest = 1
     for parts in texts:
         # every text gets its own </s> from the tokenizer; a question and answer share one, hence the -1 per join

@@ -27,6 +27,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from unialignment.alignment.contrastive import contrastive_loss
 from unialignment.frozen.teacher import mean_image_tokens, mean_text_embeddings
 from unialignment.toy.t5 import caption_corpus
 
@@ -206,14 +207,13 @@ def pretrain_tiny_teacher(
         for row in pairs.tolist():
             first_pair.setdefault(row[1], row)
         rows = torch.tensor(list(first_pair.values()))
+        every_caption = mean_text_embeddings(teacher, tokens["input_ids"], tokens["attention_mask"], average_padding)
+        every_caption = F.normalize(every_caption, dim=-1)
         correct = 0
         for start in range(0, len(rows), 256):
             chunk = rows[start : start + 256]
             image_features = targets(chunk)[0]
-            text_features = mean_text_embeddings(
-                teacher, tokens["input_ids"], tokens["attention_mask"], average_padding
-            )
-            best = (F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T).argmax(-1)
+            best = (F.normalize(image_features, dim=-1) @ every_caption.T).argmax(-1)
             correct += int((best == chunk[:, 1]).sum())
         return correct / len(rows)
 
@@ -229,10 +229,9 @@ def pretrain_tiny_teacher(
     for _ in tqdm(range(steps), desc="teacher image-caption", leave=False):
         batch = pairs[torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=generator)]
         image_features, text_features = targets(batch)
-        logits = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T / temperature
         same_caption = (batch[:, 1, None] == batch[None, :, 1]).float()
         positives = same_caption / same_caption.sum(-1, keepdim=True)
-        loss = (F.cross_entropy(logits, positives) + F.cross_entropy(logits.T, positives)) / 2
+        loss = contrastive_loss(image_features, text_features, temperature, positives=positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
