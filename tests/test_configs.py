@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from unialignment.toy.components import load_tiny_components
 from unialignment.training.config import BatchConfig, ConfigError, TrainConfig, load_config, parse_override
@@ -120,3 +121,26 @@ def test_launch_script_parses_and_explains_its_usage():
     assert run.returncode != 0 and "usage" in run.stderr
     run = subprocess.run(["bash", str(script), "configs/missing.py"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0 and "config file not found: configs/missing.py" in run.stderr
+
+
+def test_a_loaded_model_keeps_its_architecture(tmp_path):
+    """Loading an export with another head count of the same total width would re-split its attention weights
+    silently (the shapes match): it is refused, naming the field. The default image size may change."""
+    debug = ROOT / "configs" / "debug.py"
+    saved, _ = build_transformer(load_config(debug), vocab_size=40)
+    saved.save_pretrained(tmp_path / "export")
+    fields = dict(load_config(debug).model.config)
+
+    def load(**changes):
+        overrides = {"model.load_from": str(tmp_path / "export"), "model.config": {**fields, **changes}}
+        return build_transformer(load_config(debug, overrides), vocab_size=40)
+
+    loaded, source = load(sample_size=16)
+    assert loaded.config.sample_size == 16 and "sample_size=16" in source
+    pairs = zip(saved.state_dict().values(), loaded.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+    with pytest.raises(ConfigError, match=r"model\.config\.(num_attention_heads|attention_head_dim)=4 but .*export"):
+        load(num_attention_heads=4, attention_head_dim=4)
+    with pytest.raises(ConfigError, match="num_head is not a UniAlignmentTransformer config field"):
+        load(num_head=4)

@@ -9,6 +9,7 @@ exact resume needs; exports are ordinary `from_pretrained` folders. Only rank 0 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -56,6 +57,41 @@ def _transformer_folder(path: Path) -> Path:
     raise FileNotFoundError(f"model.load_from: {path} holds no config.json and no transformer/config.json")
 
 
+# `model.config` fields a loaded model may take from the stage config: neither changes a weight or what one means
+# (the default image size; the block the alignment heads read). Any other field must match the saved config.
+LOAD_OVERRIDABLE = frozenset({"sample_size", "align_depth"})
+
+
+def _load_overrides(folder: Path, model_config: dict) -> dict:
+    """The `model.config` entries to pass on when loading `folder`: those that differ from its config.json must be
+    in LOAD_OVERRIDABLE. Loading with, say, another head count would silently re-split the saved attention weights
+    (8 x 16 and 4 x 32 have the same shapes), so every other difference is an error naming the field."""
+    saved = json.loads((folder / "config.json").read_text())
+    parameters = inspect.signature(UniAlignmentTransformer.__init__).parameters
+    defaults = {name: p.default for name, p in parameters.items() if name != "self"}
+    unknown = sorted(set(model_config) - set(defaults))
+    if unknown:
+        raise ConfigError(f"model.config: {', '.join(unknown)} is not a UniAlignmentTransformer config field")
+    changed = {}
+    for name, value in model_config.items():
+        stored = saved.get(name, defaults[name])
+        if _same_setting(stored, value):
+            continue
+        if name not in LOAD_OVERRIDABLE:
+            raise ConfigError(
+                f"model.config.{name}={value!r} but {folder / 'config.json'} has {name}={stored!r}: a loaded model "
+                f"keeps its architecture; remove model.config.{name} or set it to {stored!r} "
+                f"(only {', '.join(sorted(LOAD_OVERRIDABLE))} may change on load)"
+            )
+        changed[name] = value
+    return changed
+
+
+def _same_setting(a, b) -> bool:
+    """Equal as config.json keeps them (a tuple is saved as a list)."""
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+
 def build_transformer(config: TrainConfig, vocab_size: int) -> tuple[UniAlignmentTransformer, str]:
     """The transformer named by `model.load_from` (SD3, the released model, or an export), or a fresh one."""
     model_config = dict(config.model.config)
@@ -69,8 +105,11 @@ def build_transformer(config: TrainConfig, vocab_size: int) -> tuple[UniAlignmen
             model, report = init_from_sd3(folder, vocab_size=vocab_size, **model_config)
             source = f"SD3 transformer {folder}:\n{report.summary()}"
         else:
-            model = UniAlignmentTransformer.from_pretrained(folder, **model_config)
+            kept = _load_overrides(folder, model_config)
+            model = UniAlignmentTransformer.from_pretrained(folder, **kept)
             source = f"{class_name} weights from {folder}"
+            if kept:
+                source += " (from the stage config: " + ", ".join(f"{k}={v!r}" for k, v in kept.items()) + ")"
     if model.config.vocab_size != vocab_size:
         raise ConfigError(
             f"the transformer's text head has {model.config.vocab_size} entries but the T5 tokenizer has {vocab_size} "
