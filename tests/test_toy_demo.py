@@ -42,6 +42,26 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     stage3 = (out / "aligned" / "stage3_sft" / "config.py").read_text()
     assert str(out / "aligned" / "stage2_multitask" / "export" / "ema") in stage3
 
+    # the guidance sweep samples the training split only: distinct one-object prompts and edit records
+    sweep = out / "sweep"
+    command = [
+        sys.executable, "scripts/toy_guidance_sweep.py", "--model", str(out / "aligned" / "pipeline"),
+        "--data", str(out / "world"), "--out", str(sweep), "--guidance", "1", "2.5", "--seeds", "0",
+        "--prompts", "3", "--edits", "2", "--sample-steps", "2",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| metric | guidance 1 | guidance 2.5 |" in result.stdout and "3 t2i, 2 edit" in result.stdout
+    lines = [json.loads(line) for line in (sweep / "guidance2.5_seed0" / "jobs.jsonl").read_text().splitlines()]
+    assert [line["task"] for line in lines] == ["t2i", "edit", "edit"]
+    prompts = lines[0]["prompt"]
+    train = read_split(out / "world", "train")
+    assert len(set(prompts)) == 3 and all(" and " not in prompt for prompt in prompts)
+    assert set(prompts) <= {record.prompt for record in train["t2i"]}
+    assert not set(prompts) & {record.prompt for record in heldout["t2i"]}
+    assert {line["image"] for line in lines[1:]} <= {record.source_images[0] for record in train["edit"]}
+    assert len(list((sweep / "guidance1_seed0" / "outputs" / "t2i").iterdir())) == 3
+
 
 def test_short_demo_learns_colours_and_positions_of_heldout_prompts(tmp_path):
     """Stage 1 only (960 of its 1200 steps) on the shapes world, given with --data as a user's folder would be, its

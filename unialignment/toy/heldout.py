@@ -54,10 +54,17 @@ class Job:
 def plan_jobs(data_root: str | Path, outputs: str | Path, seed: int = 0, text_steps: int | None = None) -> list[Job]:
     """One job per held-out record (all text-to-image prompts in one job), seeded; `text_steps` sets the sampling
     steps of the caption and VQA jobs (None: the command line's)."""
+    return plan_jobs_for(read_split(data_root, "heldout"), outputs, seed, text_steps)
+
+
+def plan_jobs_for(
+    split: dict[str, list[Record]], outputs: str | Path, seed: int = 0, text_steps: int | None = None
+) -> list[Job]:
+    """`plan_jobs` for records already read (task -> records), e.g. a sample of the training split."""
     outputs = Path(outputs).resolve()
     text_options = {} if text_steps is None else {"steps": text_steps}
     jobs = []
-    for task, records in read_split(data_root, "heldout").items():
+    for task, records in split.items():
         if task == "t2i":
             prompts = [record.prompt for record in records]
             files = tuple(outputs / "t2i" / f"{i:05d}.png" for i in range(len(records)))

@@ -81,5 +81,5 @@ logging = dict(
     caption_images=[],
     sample_steps=20,
     caption_steps=16,
-    guidance_scale=3.0,
+    guidance_scale=3.0,  # as the demo samples (scripts/toy_demo.py --guidance)
 )
