@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         runs = []
         for seed in args.seeds:
             folder = out / f"guidance{guidance:g}_seed{seed}"
-            jobs: list[Job] = plan_jobs_for(sample, folder / "outputs", seed=seed)
+            # images only: captions of the prompts' pictures do not depend on the guidance
+            planned: list[Job] = plan_jobs_for(sample, folder / "outputs", seed=seed)
+            jobs = [job for job in planned if job.task != "caption"]
             settings = argparse.Namespace(sample_steps=args.sample_steps, guidance=guidance)
             infer(jobs, folder / "jobs.jsonl", model, settings, image_size, text_length)
             runs.append(score_outputs(jobs))
