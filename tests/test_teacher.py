@@ -1,9 +1,12 @@
 """Alignment teacher: target shapes, batching invariance, the two text averages, frozenness, plug-ins."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from unialignment.frozen.teacher import AlignmentTeacher, QwenVLTeacher
@@ -135,6 +138,21 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     missing.mkdir()
     with pytest.raises(FileNotFoundError, match="no_such_teacher.*config.json"):
         QwenVLTeacher.from_pretrained(missing)
+
+
+def test_skipped_decoder_weights_are_not_reported_but_a_missing_weight_is_an_error(teacher_folder, tmp_path, capfd):
+    QwenVLTeacher.from_pretrained(teacher_folder, torch_dtype=torch.float32)
+    assert "UNEXPECTED" not in capfd.readouterr().err  # the dropped decoder layers are expected
+
+    # the same checkpoint without one vision weight: loading it would leave that weight at a fresh init
+    broken = tmp_path / "broken_teacher"
+    shutil.copytree(teacher_folder, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(name for name in weights if "visual.patch_embed" in name)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"broken_teacher does not match .*missing \[.*patch_embed"):
+        QwenVLTeacher.from_pretrained(broken, torch_dtype=torch.float32)
 
 
 class FixedTeacher(AlignmentTeacher):

@@ -12,6 +12,8 @@ of images and a batch of captions into one float32 vector of width `dim` each.
 from __future__ import annotations
 
 import abc
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +26,14 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2_5_VLModel,
 )
+
+# Checkpoint weights the teacher drops on purpose: the LLM's decoder layers and its LM head.
+_DROPPED_WEIGHTS = re.compile(r"(^|\.)layers\.\d+\.|^lm_head\.")
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    """A logging filter that keeps every record but transformers' per-key load report."""
+    return "LOAD REPORT" not in record.getMessage()
 
 
 class AlignmentTeacher(torch.nn.Module, abc.ABC):
@@ -105,10 +115,26 @@ class QwenVLTeacher(AlignmentTeacher):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         # The teacher needs only the vision tower and the LLM's input embeddings: dropping the decoder
         # layers keeps ~1.2B of Qwen2.5-VL-7B's 8.3B parameters in memory. Their checkpoint weights
-        # are skipped and listed as UNEXPECTED in transformers' load report.
+        # are skipped; transformers' load report, which would list them all in every training log, is
+        # replaced by a check that nothing else is unexpected and nothing is missing.
         config.text_config.num_hidden_layers = 0
         config.text_config.layer_types = []
-        model = Qwen2_5_VLModel.from_pretrained(path, config=config, dtype=torch_dtype, local_files_only=True)
+        report_logger = logging.getLogger("transformers.modeling_utils")
+        report_logger.addFilter(_drop_load_report)
+        try:
+            model, loading = Qwen2_5_VLModel.from_pretrained(
+                path, config=config, dtype=torch_dtype, local_files_only=True, output_loading_info=True
+            )
+        finally:
+            report_logger.removeFilter(_drop_load_report)
+        missing = sorted(loading["missing_keys"])
+        unexpected = sorted(key for key in loading["unexpected_keys"] if not _DROPPED_WEIGHTS.search(key))
+        mismatched = sorted(str(entry) for entry in loading.get("mismatched_keys", []))
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"Alignment teacher {path} does not match its config.json: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, mismatched {mismatched[:5]} (first five of each; is it a Qwen2.5-VL checkpoint?)"
+            )
         # Not AutoProcessor: in transformers 5 the Qwen2.5-VL processor also builds a video processor,
         # which needs torchvision; the teacher uses only the tokenizer and the image processor.
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
