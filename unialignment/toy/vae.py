@@ -86,6 +86,10 @@ def train_vae(
     latent scaling so that scaled latents have mean 0 and standard deviation 1 over those images (the statistics
     SD's and SD3's constants were chosen from). Returns what it reached."""
     generator = torch.Generator().manual_seed(seed)
+    # Channels-last convolutions and a foreach AdamW: measured on 2 CPU cores, a step at batch 8 and 64 px takes
+    # about 20% less time (the optimizer's per-tensor loop was an eighth of it); same maths.
+    vae.to(memory_format=torch.channels_last)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
     check = pixels[:: max(1, len(pixels) // check_images)]
     # Start the posterior nearly deterministic (log-variance -8, std 0.02): with unit variance at initialisation
     # most of a short training goes into learning to ignore the sampling noise. The KL weight is per element of
@@ -93,7 +97,7 @@ def train_vae(
     log_variance = vae.encoder.conv_out.bias[vae.config.latent_channels :]
     with torch.no_grad():
         log_variance.fill_(-8.0)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
     vae.train()
     psnr, step = float("-inf"), 0
@@ -115,6 +119,7 @@ def train_vae(
             if psnr >= target_psnr:
                 break
     vae.eval()
+    vae.to(memory_format=torch.contiguous_format)  # saved and used as ordinary tensors
 
     with torch.no_grad():
         means = torch.cat([vae.encode(check[i : i + 64]).latent_dist.mean for i in range(0, len(check), 64)])
