@@ -34,7 +34,10 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     expected = {task: len(records) for task, records in heldout.items()}
     expected["caption"] = expected["t2i"]
     for task, count in expected.items():
-        assert len(list((out / "aligned" / "outputs" / task).iterdir())) == count, task
+        assert len([p for p in (out / "aligned" / "outputs" / task).iterdir() if p.is_file()]) == count, task
+    # four draws of every prompt by default: draw 0 beside the other tasks' outputs, the others in sample<k>/
+    for draw in (1, 2, 3):
+        assert len(list((out / "aligned" / "outputs" / "t2i" / f"sample{draw}").iterdir())) == expected["t2i"]
     for folder in ("untrained", "aligned"):
         scores = json.loads((out / folder / "scores.json").read_text())
         assert list(scores) == list(METRICS) and all(0.0 <= value <= 1.0 for value in scores.values())

@@ -151,6 +151,24 @@ def test_t2i_job_batches_prompts_in_file_order(world, tmp_path):
     assert [p.name for p in t2i.outputs[:2]] == ["00000.png", "00001.png"]
 
 
+def test_several_t2i_draws_have_their_own_seeds_and_folders_and_all_count(world, tmp_path):
+    jobs = [job for job in plan_jobs(world, tmp_path, seed=5, t2i_samples=3) if job.task == "t2i"]
+    assert [job.line["seed"] for job in jobs] == [5, 6, 7]
+    assert [job.outputs[0].relative_to(tmp_path).as_posix() for job in jobs] == [
+        "t2i/00000.png",
+        "t2i/sample1/00000.png",
+        "t2i/sample2/00000.png",
+    ]
+    assert all(job.line["output"] == str(job.outputs[0].parent) for job in jobs)
+    _write_true_outputs(jobs, world)
+    # one of three draws of the first prompt shows nothing: that prompt scores 2/3, every other 1
+    Image.new("RGB", (64, 64), (245, 245, 245)).save(jobs[1].outputs[0])
+    prompts = len(jobs[0].records)
+    assert score_outputs(jobs)["t2i colour"] == pytest.approx(1 - 1 / (3 * prompts))
+    with pytest.raises(ValueError, match="t2i_samples"):
+        plan_jobs(world, tmp_path, t2i_samples=0)
+
+
 def test_dataset_folder_errors_name_file_and_line(tmp_path):
     with pytest.raises(DatasetFolderError, match="no such folder"):
         split_files(tmp_path, "train")

@@ -20,7 +20,8 @@ from unialignment.toy.checker import colours_in, find_objects, mask_iou, positio
 from unialignment.toy.folder import read_split
 from unialignment.toy.world import ShapeObject
 
-# The table's rows, in order. t2i: the largest generated object has the prompt's colour / shape / position.
+# The table's rows, in order. t2i: the largest generated object has the prompt's colour / shape / position (a
+# mean over every draw of every prompt).
 # caption: names the image's colour and shape and no other. vqa: names exactly the true attribute(s). edits and
 # composition: the output shows exactly the target's objects (colour, shape, position). perception: mean IoU of
 # the predicted map with the true one.
@@ -51,25 +52,41 @@ class Job:
     outputs: tuple[Path, ...]
 
 
-def plan_jobs(data_root: str | Path, outputs: str | Path, seed: int = 0, text_steps: int | None = None) -> list[Job]:
+def plan_jobs(
+    data_root: str | Path,
+    outputs: str | Path,
+    seed: int = 0,
+    text_steps: int | None = None,
+    t2i_samples: int = 1,
+) -> list[Job]:
     """One job per held-out record (all text-to-image prompts in one job), seeded; `text_steps` sets the sampling
-    steps of the caption and VQA jobs (None: the command line's)."""
-    return plan_jobs_for(read_split(data_root, "heldout"), outputs, seed, text_steps)
+    steps of the caption and VQA jobs (None: the command line's). With `t2i_samples` N > 1 the prompts are drawn N
+    times: draw 0 as `t2i/NNNNN.png`, draw k (seed + k) as `t2i/sample<k>/NNNNN.png`; the text-to-image metrics
+    are means over every draw."""
+    return plan_jobs_for(read_split(data_root, "heldout"), outputs, seed, text_steps, t2i_samples)
 
 
 def plan_jobs_for(
-    split: dict[str, list[Record]], outputs: str | Path, seed: int = 0, text_steps: int | None = None
+    split: dict[str, list[Record]],
+    outputs: str | Path,
+    seed: int = 0,
+    text_steps: int | None = None,
+    t2i_samples: int = 1,
 ) -> list[Job]:
     """`plan_jobs` for records already read (task -> records), e.g. a sample of the training split."""
+    if t2i_samples < 1:
+        raise ValueError(f"t2i_samples must be at least 1, got {t2i_samples}")
     outputs = Path(outputs).resolve()
     text_options = {} if text_steps is None else {"steps": text_steps}
     jobs = []
     for task, records in split.items():
         if task == "t2i":
             prompts = [record.prompt for record in records]
-            files = tuple(outputs / "t2i" / f"{i:05d}.png" for i in range(len(records)))
-            line = {"task": "t2i", "prompt": prompts, "output": str(outputs / "t2i"), "seed": seed}
-            jobs.append(Job("t2i", tuple(records), line, files))
+            for draw in range(t2i_samples):
+                folder = outputs / "t2i" / (f"sample{draw}" if draw else "")
+                files = tuple(folder / f"{i:05d}.png" for i in range(len(records)))
+                line = {"task": "t2i", "prompt": prompts, "output": str(folder), "seed": seed + draw}
+                jobs.append(Job("t2i", tuple(records), line, files))
         for i, record in enumerate(records):
             one = (record,)
             if task == "t2i":  # the held-out images are captioned too
