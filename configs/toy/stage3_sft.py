@@ -10,7 +10,8 @@ data = dict(
         dict(name="vqa", weight=1, datasets=[dict(path="runs/toy/world/train/vqa.jsonl", task="vqa")]),
     ],
 )
-# Fine-tuning at a third of the earlier stages' peak. Held-out scores after 400-500 steps from a stage-2 model:
+# Fine-tuning at a third of the earlier stages' peak. Held-out scores after 400-500 steps from a stage-2 model
+# (measured with the earlier 1000-step VAE):
 #   mean of sampling seeds 0, 1, 2, both from the same stage-2 model:
 #     t2i 3 : edit 2 : vqa 1, 500 steps (this config)  -> t2i colour 0.93, recolour 0.65, vqa 0.98
 #     t2i 2 : edit 2 : vqa 1, 400 steps                 -> t2i colour 0.83, recolour 0.65, vqa 0.93
