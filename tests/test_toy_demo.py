@@ -68,7 +68,7 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
 
 def test_short_demo_learns_colours_and_positions_of_heldout_prompts(tmp_path):
     """Stage 1 only (960 of its 1200 steps) on the shapes world, given with --data as a user's folder would be, its
-    held-out split cut to the text-to-image prompts so that the evaluation is quick. About 6 minutes on 2 cores."""
+    held-out split cut to the text-to-image prompts so that the evaluation is quick. About 8 minutes on 2 cores."""
     data = tmp_path / "world"
     subprocess.run([sys.executable, "scripts/make_toy_world.py", "--out", str(data)], cwd=REPO, check=True)
     for task in ("edit", "perception", "composition", "vqa"):
