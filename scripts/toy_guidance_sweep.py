@@ -42,10 +42,6 @@ def validation_sample(data_root: Path, prompts: int, edits: int, seed: int = 0) 
     return sample
 
 
-def mean_scores(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {metric: sum(run[metric] for run in runs) / len(runs) for metric in runs[0]}
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="an exported pipeline folder")
@@ -65,16 +61,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     text_length = dataset_text_length(data, load_t5_tokenizer(model / "tokenizer"))
     columns = {}
     for guidance in args.guidance:
-        runs = []
+        scored: list[Job] = []
         for seed in args.seeds:
             folder = out / f"guidance{guidance:g}_seed{seed}"
             # images only: captions of the prompts' pictures do not depend on the guidance
-            planned: list[Job] = plan_jobs_for(sample, folder / "outputs", seed=seed)
-            jobs = [job for job in planned if job.task != "caption"]
+            jobs = [job for job in plan_jobs_for(sample, folder / "outputs", seed=seed) if job.task != "caption"]
             settings = argparse.Namespace(sample_steps=args.sample_steps, guidance=guidance)
             infer(jobs, folder / "jobs.jsonl", model, settings, image_size, text_length)
-            runs.append(score_outputs(jobs))
-        columns[f"guidance {guidance:g}"] = mean_scores(runs)
+            scored += jobs
+        # every seed scores the same records, so the pooled mean is the mean over seeds
+        columns[f"guidance {guidance:g}"] = score_outputs(scored)
     counts = ", ".join(f"{len(records)} {task}" for task, records in sample.items())
     print(f"\ntraining-split scores ({counts}; mean over seeds {args.seeds}):\n{format_table(columns)}")
     return columns
