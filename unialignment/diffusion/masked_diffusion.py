@@ -1,20 +1,20 @@
 """Masked diffusion for the text stream.
 
 Follows Sahoo et al. 2024, "Simple and Effective Masked Diffusion Language Models" (MDLM), with the
-SUBS parameterisation, as used for the text stream of D-DiT and UniAlignment (SPEC section 4).
+SUBS parameterisation, as used for the text stream of D-DiT and UniAlignment (docs/METHOD.md section 4).
 
 Everything here is a small function of tensors; no network lives in this module. The denoiser
-(the MMDiT's text head) is passed in by the caller.
+(the MMDiT's text head) is passed in by the caller, or, for the memory-light loss, the head's input and
+parameters. The reverse process (captions and answers) is in `masked_diffusion_sampler.py`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # Stands in for log(0): finite, so that 0 * NEG_INF stays 0 and gradients stay finite.
 NEG_INF = -1e6
@@ -92,6 +92,13 @@ def mask_tokens(
     return torch.where(to_mask, mask_token_id, input_ids)
 
 
+def _subs_mask_bias(vocab_size: int, mask_token_id: int, device: torch.device) -> torch.Tensor:
+    """(V,) float32 added to the logits by SUBS: NEG_INF at the mask token, 0 elsewhere."""
+    mask_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    mask_bias[mask_token_id] = NEG_INF
+    return mask_bias
+
+
 def subs_log_probs(logits: torch.Tensor, noisy_ids: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """SUBS parameterisation of log p_theta(x_0 | x_t).
 
@@ -106,8 +113,7 @@ def subs_log_probs(logits: torch.Tensor, noisy_ids: torch.Tensor, mask_token_id:
         (B, L, V) float32 log probabilities.
     """
     vocab_size = logits.shape[-1]
-    mask_bias = torch.zeros(vocab_size, dtype=torch.float32, device=logits.device)
-    mask_bias[mask_token_id] = NEG_INF
+    mask_bias = _subs_mask_bias(vocab_size, mask_token_id, logits.device)
     log_probs = torch.log_softmax(logits.float() + mask_bias, dim=-1)
 
     is_observed = F.one_hot(noisy_ids, num_classes=vocab_size).bool()
@@ -157,141 +163,137 @@ def masked_diffusion_loss(
         normalization: "batch_length" divides by B * L (reference: padding is EOS and is counted);
             "real_tokens" divides by the number of scored real tokens and zeroes the others.
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-
+    scored, num_tokens = _scored_tokens(clean_ids, score_mask, attention_mask, normalization)
     clean_log_probs = log_probs.gather(-1, clean_ids[..., None]).squeeze(-1)
     weight = nelbo_weight(sigma, dsigma).reshape(-1, 1)
     token_nll = -clean_log_probs * weight
+    token_nll = token_nll * scored
+    return MaskedDiffusionLoss(loss=token_nll.sum() / num_tokens, token_nll=token_nll, num_tokens=num_tokens)
 
+
+def _scored_tokens(
+    clean_ids: torch.Tensor,
+    score_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    normalization: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) bool of the scored tokens and the loss's normaliser, shared by both forms of the loss."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     scored = torch.ones_like(clean_ids, dtype=torch.bool)
     if score_mask is not None:
         scored = scored & score_mask.bool()
     if normalization == "real_tokens" and attention_mask is not None:
         scored = scored & attention_mask.bool()
-    token_nll = token_nll * scored
 
     if normalization == "batch_length":
-        num_tokens = torch.tensor(float(clean_ids.numel()), device=token_nll.device)
+        num_tokens = torch.tensor(float(clean_ids.numel()), device=clean_ids.device)
     else:
         # clamp: a batch without a scored token gives loss 0 rather than NaN.
         num_tokens = scored.sum().float().clamp_min(1.0)
+    return scored, num_tokens
+
+
+def masked_diffusion_loss_from_hidden_states(
+    hidden_states: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    noisy_ids: torch.Tensor,
+    clean_ids: torch.Tensor,
+    sigma: torch.Tensor,
+    dsigma: torch.Tensor,
+    mask_token_id: int,
+    score_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    normalization: str = "batch_length",
+    chunk_size: int = 1024,
+) -> MaskedDiffusionLoss:
+    """`masked_diffusion_loss` of SUBS on a linear text head, without materialising the (B, L, V) logits.
+
+    Under SUBS an unmasked position's log p(x_0 | x_t) does not depend on the network: 0 when it holds its clean
+    token (always, for x_t from `mask_tokens`) and NEG_INF otherwise, so it contributes a constant and no gradient,
+    and it is added as such (no precondition on the ids). Only masked, scored positions need the head. They are
+    gathered (one host sync: their count sets the shapes) and their float32 logits are computed `chunk_size`
+    positions at a time, each chunk under activation checkpointing: backward keeps the chunk's inputs, not its
+    (chunk_size, V) logits, and recomputes them. log p(x_0) = logit(x_0) - logsumexp(logits), the log-softmax
+    entry without the full log-softmax tensor.
+
+    Equals `masked_diffusion_loss(subs_log_probs(F.linear(hidden_states.float(), head_weight.float(),
+    head_bias.float()), noisy_ids, mask_token_id), clean_ids, ...)` up to float rounding, gradients included.
+    From bfloat16 states and weights the float32 head is more precise than a bfloat16 head whose logits are then
+    cast, so the loss differs from that path by the bfloat16 rounding of the logits.
+
+    Args:
+        hidden_states: (B, L, D) input of the text head (the final normed text states), any float dtype.
+        head_weight: (V, D) weight of the text head; head_bias: (V,) or None.
+        noisy_ids: (B, L) noisy ids x_t; clean_ids: (B, L) clean ids x_0.
+        sigma, dsigma, score_mask, attention_mask, normalization: as in `masked_diffusion_loss`.
+        mask_token_id: id of the mask token.
+        chunk_size: masked positions per chunk; the head's transient memory is a few chunk_size x V float32.
+
+    Returns:
+        `MaskedDiffusionLoss` whose token_nll is the full (B, L) tensor of `masked_diffusion_loss`.
+    """
+    assert chunk_size >= 1, f"chunk_size must be at least 1, got {chunk_size}."
+    scored, num_tokens = _scored_tokens(clean_ids, score_mask, attention_mask, normalization)
+    batch_size, length, hidden_size = hidden_states.shape
+    weight = nelbo_weight(sigma, dsigma).reshape(-1, 1)
+
+    is_masked = noisy_ids == mask_token_id
+    copy_log_probs = torch.where(~is_masked & (noisy_ids != clean_ids), NEG_INF, 0.0)
+    token_nll = -copy_log_probs * weight
+    token_nll = token_nll * scored
+
+    masked_index = (is_masked & scored).flatten().nonzero().squeeze(1)  # host sync
+    masked_states = hidden_states.reshape(-1, hidden_size).index_select(0, masked_index)
+    masked_clean_ids = clean_ids.flatten().index_select(0, masked_index)
+    masked_log_probs = _chunked_log_probs(
+        masked_states, masked_clean_ids, head_weight, head_bias, mask_token_id, chunk_size
+    )
+    masked_weight = weight.flatten().index_select(0, masked_index // length)
+    masked_nll = -masked_log_probs * masked_weight
+    token_nll = token_nll.flatten().index_put((masked_index,), masked_nll).reshape(batch_size, length)
     return MaskedDiffusionLoss(loss=token_nll.sum() / num_tokens, token_nll=token_nll, num_tokens=num_tokens)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MaskedDiffusionSample:
-    """token_ids: (B, L) sampled ids, no mask token left; num_denoiser_calls: calls actually made."""
-
-    token_ids: torch.Tensor
-    num_denoiser_calls: int
-
-
-def initial_ids_from_prompt(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None, mask_token_id: int
-) -> torch.Tensor:
-    """Start of sampling: all mask tokens, except the prompt tokens (prompt_mask True) which are kept.
-
-    Args:
-        prompt_ids: (B, L) ids; only the positions where prompt_mask is True are read.
-        prompt_mask: (B, L) bool, or None for an unprompted (all-mask) start.
-
-    Returns:
-        (B, L) long ids.
-    """
-    all_mask = torch.full_like(prompt_ids, mask_token_id)
-    if prompt_mask is None:
-        return all_mask
-    return torch.where(prompt_mask.bool(), prompt_ids, all_mask)
-
-
-def _gumbel_noise(
-    shape: torch.Size, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
-) -> torch.Tensor:
-    if isinstance(generator, list):  # one per row: each row draws what a one-row run with its generator draws
-        return torch.cat([_gumbel_noise((1, *shape[1:]), row_generator, device) for row_generator in generator])
-    # Drawn where the generator lives (a CPU generator is common, also for GPU sampling), then moved.
-    draw_device = generator.device if generator is not None else device
-    uniform = torch.rand(shape, generator=generator, device=draw_device).to(device)
-    # clamp: keeps the noise finite (u = 0 would give -inf).
-    uniform = uniform.clamp_min(torch.finfo(uniform.dtype).tiny)
-    return -torch.log(-torch.log(uniform))
-
-
-def _reverse_step(
-    noisy_ids: torch.Tensor,
-    log_p_x0: torch.Tensor,
-    t: float,
-    s: float,
+def _chunked_log_probs(
+    states: torch.Tensor,
+    clean_ids: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
     mask_token_id: int,
-    gumbel: torch.Tensor,
+    chunk_size: int,
 ) -> torch.Tensor:
-    """One step x_t -> x_s of the MDLM reverse process.
+    """(N,) SUBS log p(x_0) of N masked positions ((N, D) head inputs, (N,) clean ids), `chunk_size` at a time,
+    each chunk checkpointed so that backward recomputes its logits instead of keeping them."""
+    # Cast once, not per chunk: the chunks' weight gradients then accumulate in float32.
+    head_weight = head_weight.float()
+    head_bias = head_bias.float() if head_bias is not None else None
+    mask_bias = _subs_mask_bias(head_weight.shape[0], mask_token_id, head_weight.device)
+    # At least one chunk, empty when nothing is masked: the head stays in the graph and gets zero gradients
+    # rather than none (data parallel training expects every parameter to get one).
+    chunks = [
+        checkpoint(
+            _clean_token_log_probs,
+            states[start : start + chunk_size],
+            clean_ids[start : start + chunk_size],
+            head_weight,
+            head_bias,
+            mask_bias,
+            use_reentrant=False,
+        )
+        for start in range(0, max(len(states), 1), chunk_size)
+    ]
+    return torch.cat(chunks)
 
-    q(x_s | x_t) is proportional to p_x0 * (t - s) with the mask token's entry set to s; the
-    categorical draw is argmax(log q + Gumbel), done in log space so no probability underflows.
-    Tokens that are already unmasked never change.
-    """
-    log_q = log_p_x0 + math.log(t - s)
-    log_q[..., mask_token_id] = math.log(s)
-    sampled_ids = (log_q + gumbel).argmax(dim=-1)
-    return torch.where(noisy_ids == mask_token_id, sampled_ids, noisy_ids)
 
-
-@torch.no_grad()
-def sample_masked_diffusion(
-    denoiser: Callable[[torch.Tensor], torch.Tensor],
-    initial_ids: torch.Tensor,
-    mask_token_id: int,
-    num_steps: int,
-    final_time: float = 1e-5,
-    use_cache: bool = True,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
-) -> MaskedDiffusionSample:
-    """Ancestral MDLM sampling over times linspace(1, final_time, num_steps + 1).
-
-    The text stream always runs at timestep 0, so p_x0 depends only on x_t: when a step changes no
-    token, the next step reuses p_x0 instead of calling the denoiser (the cache). The Gumbel noise
-    is drawn every step either way, so cached and uncached runs with one seed give the same ids.
-
-    Args:
-        denoiser: maps (B, L) noisy ids to (B, L, V) logits.
-        initial_ids: (B, L) start, all mask tokens except prompt tokens (`initial_ids_from_prompt`).
-        generator: one for the batch, or one per row; a row with its own generator samples what it would alone
-            (the denoiser sees each row on its own, up to floating-point differences of batched arithmetic).
-        progress: optional wrapper over the step iterable, e.g. `tqdm`.
-    """
-    assert num_steps >= 1, f"num_steps must be at least 1, got {num_steps}."
-    assert 0 < final_time < 1, f"final_time must lie in (0, 1), got {final_time}."
-    if isinstance(generator, list) and len(generator) != initial_ids.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for {initial_ids.shape[0]} rows; pass one or one per row.")
-    times = torch.linspace(1.0, final_time, num_steps + 1, dtype=torch.float64).tolist()
-    steps = range(num_steps) if progress is None else progress(range(num_steps))
-
-    noisy_ids = initial_ids.clone()
-    log_p_x0 = None  # p_x0 of the current noisy_ids, kept while they do not change
-    num_denoiser_calls = 0
-    for step in steps:
-        if log_p_x0 is None:
-            log_p_x0 = subs_log_probs(denoiser(noisy_ids), noisy_ids, mask_token_id)
-            num_denoiser_calls += 1
-        gumbel = _gumbel_noise(log_p_x0.shape, generator, log_p_x0.device)
-        next_ids = _reverse_step(noisy_ids, log_p_x0, times[step], times[step + 1], mask_token_id, gumbel)
-        if not use_cache or not torch.equal(next_ids, noisy_ids):
-            log_p_x0 = None
-        noisy_ids = next_ids
-
-    # A token still masked at final_time takes its most likely clean value.
-    still_masked = noisy_ids == mask_token_id
-    if still_masked.any():
-        if log_p_x0 is None:
-            log_p_x0 = subs_log_probs(denoiser(noisy_ids), noisy_ids, mask_token_id)
-            num_denoiser_calls += 1
-        noisy_ids = torch.where(still_masked, log_p_x0.argmax(dim=-1), noisy_ids)
-    return MaskedDiffusionSample(token_ids=noisy_ids, num_denoiser_calls=num_denoiser_calls)
+def _clean_token_log_probs(
+    hidden_states: torch.Tensor,
+    clean_ids: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    mask_bias: torch.Tensor,
+) -> torch.Tensor:
+    """SUBS log p(x_0) at masked positions: (N, D) head inputs and (N,) clean ids -> (N,) float32."""
+    logits = F.linear(hidden_states.float(), head_weight, head_bias) + mask_bias
+    return logits.gather(-1, clean_ids[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
