@@ -19,312 +19,27 @@ Each line of a jobs file is an object with `task` and that task's options, named
 (`--steps`, `--size`, ...) are defaults for every job. A bad line is reported as `FILE:LINE` and the others still
 run; the exit status is 1 if any job failed. With `--batch-size N`, consecutive caption, VQA, edit, perception or
 composition jobs with the same settings share one pipeline call, N at a time; each keeps its own seed, so it gets
-the output it would get alone.
+the output it would get alone. The option parsers, the job runner and the output naming live in
+`unialignment/pipelines/jobs.py`; this file is the command line over them.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import NoReturn
 
-import torch
-from PIL import Image
+from unialignment.pipelines.jobs import (
+    DEFAULTS,
+    IMAGE_TASKS,
+    TEXT_TASKS,
+    Call,
+    UsageError,
+    build_parser,
+    prepare,
+    read_jobs,
+    run_jobs,
+)
 
-IMAGE_TASKS = ("t2i", "edit", "perception", "compose")
-TEXT_TASKS = ("caption", "vqa")
-DEFAULT_STEPS = {"t2i": 28, "edit": 28, "perception": 28, "compose": 28, "caption": 64, "vqa": 64}
-DEFAULT_GUIDANCE = {"t2i": 7.0, "edit": 9.0, "perception": 9.0, "compose": 9.0}
-PERCEPTION_INSTRUCTIONS = {
-    "depth": "Provide a detailed depth map of the entire scene.",  # the authors' demo instruction
-    "edges": "Detect the edges of the image.",
-    "segmentation": "Segment the objects in the image.",
-}
-# VAE downsampling (8) x transformer patch (2) at SD3 size. Checked here so that a bad size fails before the model
-# loads; the pipeline checks the loaded model's own factor again.
-SIZE_MULTIPLE = 16
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-TEXT_SUFFIXES = {".txt", ".jsonl"}
-SESSION_OPTIONS = ("model", "device", "dtype", "cpu_offload", "jobs", "batch_size")  # one load serves every job
-PATH_OPTIONS = ("image", "images", "output")  # resolved against a jobs file's folder
-# Every option is SUPPRESSed in the parsers, so that the command line's values survive a subcommand's (or a job
-# line's) parse; these fill in what nobody gave. Steps and guidance default per task.
-DEFAULTS = dict(
-    command=None, model=None, device=None, dtype=None, cpu_offload=False, jobs=None, output=None, seed=None,
-    steps=None, guidance=None, size=(512, 512), negative_prompt=None, num_images=1, length=256, instruction=None,
-    map=None, batch_size=1,
-)  # fmt: skip
-
-
-class UsageError(ValueError):
-    """A user mistake (a bad file, option or job line), reported in one line without a traceback."""
-
-
-class _JobParser(argparse.ArgumentParser):
-    """Parses job lines: an error becomes a UsageError for that line instead of ending the program."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) > 2 or not all(part.isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
-    height, width = int(parts[0]), int(parts[-1])
-    if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-        raise argparse.ArgumentTypeError(f"height and width must be positive multiples of {SIZE_MULTIPLE}, got {text}")
-    return height, width
-
-
-def _text(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _file(text: str) -> Path:
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return Path(text)
-
-
-def _folder(text: str) -> Path:
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"no such folder: {text}")
-    return Path(text)
-
-
-def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser):
-    """The command line's parser and its subcommands' parsers (which also parse job lines)."""
-    options = dict(argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=False)
-    session = argparse.ArgumentParser(**options)
-    session.add_argument("--model", type=_folder, help="a pipeline folder or a training run folder")
-    session.add_argument("--device", help="default: cuda when available, else cpu")
-    session.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda")
-    session.add_argument("--cpu-offload", action="store_true", help="diffusers' model CPU offload")
-    sampling = argparse.ArgumentParser(**options)
-    sampling.add_argument("--seed", type=int, help="default: a fresh random seed")
-    sampling.add_argument("--steps", type=_positive, help="default: 28 for images, 64 for texts")
-    sampling.add_argument("--size", type=_size, help="N or HxW, multiples of 16 (default 512)")
-    guidance = argparse.ArgumentParser(**options)
-    guidance.add_argument("--guidance", type=float, help="default: 7.0 for t2i, 9.0 for edits")
-    guidance.add_argument("--negative-prompt", type=_text, help="default: the null prompt")
-    guidance.add_argument("--num-images", type=_positive, help="images per prompt (default 1)")
-    image_output = argparse.ArgumentParser(**options)
-    image_output.add_argument("--output", type=Path, required=True, help="an image file for one image, else a folder")
-    text = argparse.ArgumentParser(**options)
-    text.add_argument("--length", type=_positive, help="text tokens to sample for caption and vqa (default 256)")
-    text_output = argparse.ArgumentParser(**options)
-    text_output.add_argument("--output", type=Path, help="a .txt or .jsonl file (default: stdout)")
-
-    parser = parser_class(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[session, sampling, guidance, text],
-        argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--jobs", type=_file, help="a JSONL file of jobs, run with one load of the model")
-    parser.add_argument(
-        "--batch-size", type=_positive, help="with --jobs: consecutive jobs of one task and settings per call (1)"
-    )
-    commands = parser.add_subparsers(dest="command", metavar="TASK")
-    image_parents, text_parents = [session, sampling, guidance, image_output], [session, sampling, text, text_output]
-
-    def add(name: str, summary: str, parents: list) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=summary, parents=parents, argument_default=argparse.SUPPRESS)
-
-    t2i = add("t2i", "text to image", image_parents)
-    t2i.add_argument("--prompt", type=_text, action="append", required=True, help="repeat for several prompts")
-    edit = add("edit", "edit an image by instruction", image_parents)
-    edit.add_argument("--image", type=_file, required=True)
-    edit.add_argument("--instruction", type=_text, required=True)
-    perception = add("perception", "a depth, edge or segmentation map", image_parents)
-    perception.add_argument("--image", type=_file, required=True)
-    what = perception.add_mutually_exclusive_group(required=True)
-    what.add_argument("--task", "--map", dest="map", choices=sorted(PERCEPTION_INSTRUCTIONS))
-    what.add_argument("--instruction", type=_text)
-    compose = add("compose", "compose several images by instruction", image_parents)
-    compose.add_argument("--images", type=_file, nargs="+", action="extend", required=True)
-    compose.add_argument("--instruction", type=_text, required=True)
-    caption = add("caption", "describe an image", text_parents)
-    caption.add_argument("--image", type=_file, required=True)
-    vqa = add("vqa", "answer a question about an image", text_parents)
-    vqa.add_argument("--image", type=_file, required=True)
-    vqa.add_argument("--question", type=_text, required=True)
-    return parser, commands.choices
-
-
-# --- one task: checked arguments -> a pipeline call -> files ------------------------------------------------------
-
-
-def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # decodes now, so a broken file fails here and not in the pipeline
-    except (OSError, Image.DecompressionBombError) as error:
-        raise UsageError(f"cannot read image {path}: {error}") from None
-
-
-@dataclass
-class Call:
-    """What one task asks of the pipeline, and where its results go."""
-
-    method: str
-    kwargs: dict
-    output: Path | None
-    inputs: dict  # written beside texts in .jsonl output
-
-
-def prepare(args: dict) -> Call:
-    """Check `args` (the parsed options of one task) and load its images; raises UsageError."""
-    task, output = args["command"], args["output"]
-    height, width = args["size"]
-    steps = DEFAULT_STEPS[task] if args["steps"] is None else args["steps"]
-    generator = None if args["seed"] is None else torch.Generator().manual_seed(args["seed"])
-    common = dict(height=height, width=width, num_inference_steps=steps, generator=generator)
-    if task in TEXT_TASKS:
-        if output is not None and output.suffix.lower() not in TEXT_SUFFIXES:
-            raise UsageError(f"--output {output}: texts are written to a .txt or .jsonl file")
-        inputs = {"image": str(args["image"])}
-        common.update(image=load_image(args["image"]), length=args["length"])
-        if task == "caption":
-            return Call("caption", common, output, inputs)
-        inputs["question"] = args["question"]
-        return Call("answer", dict(common, question=args["question"]), output, inputs)
-
-    count = args["num_images"] * (len(args["prompt"]) if task == "t2i" else 1)
-    if output.suffix.lower() in IMAGE_SUFFIXES and count > 1:
-        raise UsageError(f"--output {output} is one file but this makes {count} images; give a folder")
-    if output.suffix.lower() in TEXT_SUFFIXES:
-        raise UsageError(f"--output {output}: images are written to an image file or a folder")
-    common.update(
-        guidance_scale=DEFAULT_GUIDANCE[task] if args["guidance"] is None else args["guidance"],
-        negative_prompt=args["negative_prompt"],
-        num_images_per_prompt=args["num_images"],
-    )
-    if task == "t2i":
-        return Call("text_to_image", dict(common, prompt=args["prompt"]), output, {})
-    if task == "compose":
-        images = [load_image(path) for path in args["images"]]
-        return Call("compose", dict(common, images=images, instruction=args["instruction"]), output, {})
-    instruction = args["instruction"] or PERCEPTION_INSTRUCTIONS[args["map"]]
-    return Call("edit", dict(common, image=load_image(args["image"]), instruction=instruction), output, {})
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name in `path`'s folder to write to, renamed to `path` at the end: `path` is whole or untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_results(call: Call, result) -> str:
-    """Write the pipeline's images or texts; returns a note of where they went."""
-    output = call.output
-    if call.method not in ("caption", "answer"):
-        images = result.images
-        single = output.suffix.lower() in IMAGE_SUFFIXES
-        paths = [output] if single else [output / f"{index:05d}.png" for index in range(len(images))]
-        for image, path in zip(images, paths, strict=True):
-            with _atomic_path(path) as temporary:
-                image.save(temporary, format=Image.registered_extensions()[path.suffix.lower()])
-        return f"wrote {output}" if single else f"wrote {len(images)} image(s) to {output}"
-    texts = result.texts
-    if output is None:
-        for text in texts:
-            print(text, flush=True)
-        return f"printed {len(texts)} text(s)"
-    if output.suffix.lower() == ".jsonl":
-        content = "".join(json.dumps({**call.inputs, "text": text}) + "\n" for text in texts)
-    else:
-        content = "".join(text.replace("\n", " ") + "\n" for text in texts)
-    with _atomic_path(output) as temporary:
-        temporary.write_text(content, encoding="utf-8")
-    return f"wrote {output}"
-
-
-# --- jobs files ---------------------------------------------------------------------------------------------------
-
-
-def read_jobs(path: Path, defaults: dict) -> list[tuple[str, dict | UsageError]]:
-    """(`FILE:LINE`, the job's options or why the line is bad) for every non-blank line of a jobs file."""
-    _, job_parsers = build_parser(_JobParser)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{path} is not a UTF-8 text file: {error}") from None
-    jobs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            jobs.append((where, _parse_job(line, path.parent, job_parsers, defaults)))
-        except UsageError as error:
-            jobs.append((where, error))
-    return jobs
-
-
-def _parse_job(line: str, folder: Path, job_parsers: dict, defaults: dict) -> dict:
-    try:
-        job = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"not a JSON object: {error}") from None
-    if not isinstance(job, dict) or job.get("task") not in job_parsers:
-        raise UsageError(f"expected an object with task one of {sorted(job_parsers)}")
-    task = job.pop("task")
-    session = sorted(set(job) & set(SESSION_OPTIONS))
-    if session:
-        raise UsageError(f"{', '.join(session)}: one load serves every job, so give it on the command line")
-    # The job becomes the subcommand's command line, so a job line is checked exactly as the command line is.
-    argv = []
-    for key, value in job.items():
-        for item in value if isinstance(value, list) else [value]:
-            if not isinstance(item, str | int | float) or isinstance(item, bool):
-                raise UsageError(f"{key}: expected a string, a number or a list of them, got {item!r}")
-            if key in PATH_OPTIONS:
-                item = folder / str(item)  # an absolute path stays as it is
-            argv.append(f"--{key.replace('_', '-')}={item}")
-    return {**defaults, **vars(job_parsers[task].parse_args(argv)), "command": task}
-
-
-# --- main ---------------------------------------------------------------------------------------------------------
-
-
-def load_pipeline(args: dict):
-    # Imported here, after the arguments are checked, so that a mistake is reported at once rather than after
-    # diffusers and transformers have loaded.
-    from unialignment.pipelines.from_run import load_pipeline as load_pipeline_folder
-
-    device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32"))
-    pipe = load_pipeline_folder(args["model"], torch_dtype=dtype)  # a run folder: its export, in memory
-    if device == "cpu":
-        torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls; flushing them changes no sample visibly
-    if args["cpu_offload"]:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
+__all__ = ["Call", "main", "run_jobs"]  # what tests and notebooks take from this script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,10 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"give a task ({', '.join(IMAGE_TASKS + TEXT_TASKS)}) or --jobs FILE")
     if args["model"] is None:
         parser.error("--model is required")
+    # Imported here, after the arguments are checked, so that a mistake is reported at once rather than after
+    # diffusers and transformers have loaded.
+    from unialignment.frozen.components import DTYPES
+    from unialignment.training.run_folder import load_pipeline, size_multiple_of
 
+    try:
+        size_multiple = size_multiple_of(args["model"])  # from the configs: no weights loaded yet
+    except (OSError, ValueError, KeyError) as error:
+        print(f"error: cannot read {args['model']}: {error}", file=sys.stderr)
+        return 2
     if args["jobs"] is None:
         try:  # checked, images loaded, before the model: a mistake costs no loading time
-            jobs = [("", prepare(args))]
+            jobs = [("", prepare(args, size_multiple))]
         except UsageError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -359,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = len(jobs) - len(good)
     if good:
         try:
-            pipe = load_pipeline(args)
+            pipe = load_pipeline(args["model"], args["device"], DTYPES.get(args["dtype"]), args["cpu_offload"])
         except (OSError, ValueError) as error:  # a wrong folder or run; ConfigError and ExportError are ValueErrors
             print(f"error: cannot load {args['model']}: {error}", file=sys.stderr)
             return 2
@@ -369,89 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{failed} of {len(jobs)} job(s) failed", file=sys.stderr)
     return 1 if failed else 0
-
-
-# Per-output inputs of the calls that can share one pipeline call; everything else must be equal between them.
-BATCHED_INPUTS = {"caption": ("image",), "answer": ("image", "question"), "edit": ("image", "instruction")}
-BATCHED_INPUTS["compose"] = ("images", "instruction")
-
-
-def _batch_key(call: Call) -> tuple | None:
-    """Calls with equal keys can run as one pipeline call; None: this call runs alone (t2i already takes a list of
-    prompts, and several images per job would change how a seed's noise is drawn)."""
-    if call.method not in BATCHED_INPUTS or call.kwargs.get("num_images_per_prompt", 1) != 1:
-        return None
-    shared = sorted((k, v) for k, v in call.kwargs.items() if k not in BATCHED_INPUTS[call.method] + ("generator",))
-    sources = len(call.kwargs["images"]) if call.method == "compose" else 1  # a batch of compositions shares k
-    return (call.method, sources, call.kwargs["generator"] is None, *shared)
-
-
-def _run_batch(pipe, calls: list[Call]):
-    """One pipeline call for calls of one batch key; returns one result per call, in order."""
-    if len(calls) == 1:
-        return [getattr(pipe, calls[0].method)(**calls[0].kwargs)]
-    first = calls[0]
-    kwargs = {key: [call.kwargs[key] for call in calls] for key in BATCHED_INPUTS[first.method]}
-    seeded = first.kwargs["generator"] is not None  # each output keeps its own seed's noise
-    generator = [call.kwargs["generator"] for call in calls] if seeded else None
-    result = getattr(pipe, first.method)(**{**first.kwargs, **kwargs, "generator": generator})
-    field = "texts" if first.method in ("caption", "answer") else "images"
-    return [type(result)(**{field: [item]}) for item in getattr(result, field)]
-
-
-def run_jobs(pipe, jobs: list[tuple[str, Call | dict]], batch_size: int = 1) -> int:
-    """Run each job (a prepared call, or a job line's options) with `pipe`; returns how many failed.
-
-    Consecutive jobs of one task with the same settings run `batch_size` at a time as one pipeline call; each keeps
-    its own seed, so its output is the one it gets alone. If a batch fails, its jobs run one by one, so that the
-    error is reported against the line that caused it."""
-    failed = 0
-    batch: list[tuple[str, Call]] = []  # pending jobs, all of key `batch_key`
-    batch_key = None
-
-    def report(where: str, message: str) -> None:
-        print(f"{where}: {message}" if where else message, file=sys.stderr)
-
-    def flush() -> int:
-        pending = list(batch)
-        batch.clear()
-        if not pending:
-            return 0
-        generators = [call.kwargs.get("generator") for _, call in pending]
-        states = [None if generator is None else generator.get_state() for generator in generators]
-        try:
-            results = _run_batch(pipe, [call for _, call in pending])
-        except ValueError as error:  # the pipeline's checks of its inputs
-            if len(pending) == 1:
-                report(pending[0][0], f"error: {error}")
-                return 1
-            for generator, state in zip(generators, states, strict=True):
-                if generator is not None:  # a retried job starts from its seed again
-                    generator.set_state(state)
-            errors = 0
-            for item in pending:  # one by one, so that the error names its line
-                batch.append(item)
-                errors += flush()
-            return errors
-        for (where, call), result in zip(pending, results, strict=True):
-            report(where, write_results(call, result))
-        return 0
-
-    for where, job in jobs:
-        try:
-            call = job if isinstance(job, Call) else prepare(job)
-        except UsageError as error:
-            report(where, f"error: {error}")
-            failed += 1
-            continue
-        key = _batch_key(call)
-        if batch and (key is None or key != batch_key or len(batch) >= batch_size):
-            failed += flush()
-        batch.append((where, call))
-        batch_key = key
-        if key is None or batch_size == 1:
-            failed += flush()
-    return failed + flush()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ import torch
 
 from unialignment.models import UniAlignmentTransformer
 
-AUTHORS_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unialignment_transformer_config.json"
-
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx.float() - exact.float()).norm() / exact.float().norm()).item()
@@ -42,7 +40,9 @@ def run_passes(model, latents, condition, prompt, noisy_text, timesteps):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=AUTHORS_CONFIG)
+    parser.add_argument(
+        "--config", type=Path, help="a transformer config.json (default: the model's defaults, the authors' config)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--text-length", type=int, default=256)
@@ -54,63 +54,73 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
 
-    model = UniAlignmentTransformer.from_config(json.loads(args.config.read_text())).to(device)
+    config = json.loads(args.config.read_text()) if args.config else {}
+    model = UniAlignmentTransformer.from_config(config).to(device)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    config = model.config
     side = args.resolution // 8
-    batch = args.batch_size
-    latents = torch.randn(batch, config.in_channels, side, side, device=device)
+    latents = torch.randn(args.batch_size, model.config.in_channels, side, side, device=device)
     condition = [torch.randn_like(latents)] if args.edit else None
-    prompt = torch.randn(batch, args.text_length, config.joint_attention_dim, device=device) * 0.2
-    noisy_text = torch.randn_like(prompt)
-    timesteps = torch.linspace(100, 900, batch, device=device)
-
-    with torch.no_grad():
-        exact = run_passes(model, latents, condition, prompt, noisy_text, timesteps)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            approx = run_passes(model, latents, condition, prompt, noisy_text, timesteps)
-    rows = [
-        ("velocity", relative_error(approx[0].velocity, exact[0].velocity)),
-        ("image final states", relative_error(approx[0].image_hidden_states, exact[0].image_hidden_states)),
-        ("image alignment head", relative_error(approx[0].image_alignment, exact[0].image_alignment)),
-        ("text logits", relative_error(approx[1].text_logits, exact[1].text_logits)),
-        ("text alignment head", relative_error(approx[1].text_alignment, exact[1].text_alignment)),
-    ]
-    del exact, approx
-
-    # Forward + backward of both passes under bf16 autocast (fp32 weights), as training runs.
-    timings = []
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(4):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            image_pass, text_pass = run_passes(model, latents, condition, prompt, noisy_text, timesteps)
-            loss = image_pass.velocity.float().square().mean() + text_pass.text_logits.float().logsumexp(-1).mean()
-        loss.backward()
-        torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+    prompt = torch.randn(args.batch_size, args.text_length, model.config.joint_attention_dim, device=device) * 0.2
+    inputs = (
+        latents,
+        condition,
+        prompt,
+        torch.randn_like(prompt),
+        torch.linspace(100, 900, args.batch_size, device=device),
+    )
+    rows = precision_errors(model, inputs)
+    median, finite = time_training_passes(model, inputs)
 
     print(
         f"\nUniAlignment transformer, {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters, "
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     )
     print(
-        f"micro-batch {batch}, {args.resolution} px, {args.text_length} text tokens, edit={args.edit}, "
+        f"micro-batch {args.batch_size}, {args.resolution} px, {args.text_length} text tokens, edit={args.edit}, "
         f"checkpointing={args.gradient_checkpointing}\n"
     )
     print(f"| {'bf16 autocast vs float32':<26} | relative error |")
     print(f"|{'-' * 28}|{'-' * 16}|")
     for name, error in rows:
         print(f"| {name:<26} | {error:>14.2e} |")
-    median = sorted(timings[1:])[len(timings[1:]) // 2]
     print(
-        f"\nforward+backward of both passes: {median * 1000:.0f} ms median ({batch / median:.1f} samples/s), "
+        f"\nforward+backward of both passes: {median * 1000:.0f} ms median ({args.batch_size / median:.1f} samples/s), "
         f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, loss finite: {finite}"
     )
+
+
+def precision_errors(model, inputs) -> list[tuple[str, float]]:
+    """Relative error of each output under bf16 autocast against float32."""
+    with torch.no_grad():
+        exact = run_passes(model, *inputs)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            approx = run_passes(model, *inputs)
+    return [
+        ("velocity", relative_error(approx[0].velocity, exact[0].velocity)),
+        ("image final states", relative_error(approx[0].image_hidden_states, exact[0].image_hidden_states)),
+        ("image alignment head", relative_error(approx[0].image_alignment, exact[0].image_alignment)),
+        ("text logits", relative_error(approx[1].text_logits, exact[1].text_logits)),
+        ("text alignment head", relative_error(approx[1].text_alignment, exact[1].text_alignment)),
+    ]
+
+
+def time_training_passes(model, inputs) -> tuple[float, bool]:
+    """Median seconds of a forward + backward of both passes under bf16 autocast (fp32 weights), as training runs
+    them, and whether the last loss was finite."""
+    timings = []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(4):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            image_pass, text_pass = run_passes(model, *inputs)
+            loss = image_pass.velocity.float().square().mean() + text_pass.text_logits.float().logsumexp(-1).mean()
+        loss.backward()
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return sorted(timings[1:])[len(timings[1:]) // 2], bool(torch.isfinite(loss))
 
 
 if __name__ == "__main__":

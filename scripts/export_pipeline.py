@@ -20,16 +20,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from unialignment.pipelines.from_run import (
-    DTYPES,
-    ExportError,
-    build_pipeline,
-    run_components,
-    run_transformer_folder,
-    save_pipeline,
-)
+from unialignment.frozen.components import DTYPES, ComponentsConfig
+from unialignment.pipelines.assembly import ExportError, build_pipeline, save_pipeline
 from unialignment.pipelines.pipeline_unialignment import MASK_EMBEDDING_FILE
-from unialignment.training.config import ComponentsConfig, ConfigError
+from unialignment.training.config import ConfigError
+from unialignment.training.run_folder import run_components, run_transformer_folder
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -4,7 +4,7 @@
 
 OUT/components holds the tiny T5 tokenizer and encoder, VAE and Qwen2.5-VL teacher (built once, then reused);
 OUT/data holds a PNG of every scene of the shapes world, `t2i.jsonl` (one text-to-image record per scene) and
-`edit.jsonl` (every recolouring of every scene), in the ShareGPT format of SPEC section 7 with image paths
+`edit.jsonl` (every recolouring of every scene), in the ShareGPT format of docs/METHOD.md section 7 with image paths
 relative to the JSONL files. Running it again rewrites nothing that is already as it should be, so the data
 index cached beside each JSONL file stays valid.
 """

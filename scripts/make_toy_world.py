@@ -1,4 +1,4 @@
-"""Write the shapes world (the built-in small default's data) in the JSONL formats of SPEC section 7.
+"""Write the shapes world (the built-in small default's data) in the JSONL formats of docs/METHOD.md section 7.
 
     python scripts/make_toy_world.py --out runs/toy/world [--size 64] [--seed 0]
 

@@ -31,19 +31,14 @@ from unialignment.evaluation.semgen_bench import (
     BenchError,
     GenerationSettings,
     check_settings,
-    format_report,
     generate,
-    load_pipeline,
     method_folder,
     pending,
     read_bench,
-    read_scores,
-    score,
     shard,
     shard_from_environment,
-    summarize,
-    unscored,
 )
+from unialignment.evaluation.semgen_scores import format_report, read_scores, score, summarize, unscored
 from unialignment.evaluation.vlm_judge import JudgeError, VLMJudge
 
 
@@ -120,9 +115,12 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"shard {index}/{count}: {len(samples)} output(s), {len(samples) - len(todo)} already done", file=sys.stderr)
     if todo:
         device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+        # Imported here, so that the report and every argument check run without loading diffusers.
+        from unialignment.frozen.components import DTYPES
+        from unialignment.training.run_folder import load_pipeline
+
         try:
-            pipe = load_pipeline(args.model, device, dtype)
+            pipe = load_pipeline(args.model, device, DTYPES.get(args.dtype))
         except (OSError, ValueError) as error:  # a wrong folder or run; ConfigError and ExportError are ValueErrors
             raise BenchError(f"cannot load {args.model}: {error}") from None
         if args.size % pipe.size_multiple:

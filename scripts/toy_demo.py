@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 from unialignment.frozen.text_encoder import load_t5_tokenizer
-from unialignment.pipelines.from_run import build_pipeline, save_pipeline
+from unialignment.pipelines.assembly import build_pipeline, save_pipeline
 from unialignment.toy.components import dataset_image_size, dataset_text_length
 from unialignment.toy.folder import DatasetFolderError, split_files
 from unialignment.toy.heldout import checks_world, format_table, plan_jobs, score_outputs, write_jobs
+from unialignment.training.builders import build_transformer
 from unialignment.training.config import load_config
-from unialignment.training.trainer import build_transformer
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_sft")
@@ -151,7 +151,7 @@ def infer(jobs: list, jobs_file: Path, pipeline: Path, args: argparse.Namespace,
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="a dataset folder (train/, heldout/); default: make the shapes world")
     parser.add_argument("--out", type=Path, default=Path("runs/toy"))
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher-steps", type=int, default=300, help="image-caption steps of the tiny teacher")
     parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument(
-        "--text-steps", type=int, default=64, help="masked-diffusion steps per caption and answer (SPEC: 64)"
+        "--text-steps",
+        type=int,
+        default=64,
+        help="masked-diffusion steps per caption and answer (docs/METHOD.md section 4: 64)",
     )
     # Chosen on training-split records, never the held-out ones (scripts/toy_guidance_sweep.py, 48 prompts and
     # 96 edits, 2 seeds): t2i colour 0.84 / 0.86 / 0.95 / 0.93 at guidance 1.5 / 2 / 3 / 4.5, recolour 0.58-0.66
@@ -177,7 +180,28 @@ def main(argv: list[str] | None = None) -> dict:
         "--t2i-samples", type=int, default=4, help="draws per held-out text-to-image prompt (the metrics average them)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def plan_stages(args: argparse.Namespace, out: Path, data_root: Path, image_size: int, text_length: int) -> dict:
+    """Each stage to train -> its config overrides; a stage whose tasks the dataset lacks is skipped."""
+    variant = out / VARIANTS[args.no_alignment]
+    overrides, previous = {}, None
+    for stage in STAGES[: args.stages]:
+        stage_settings = stage_overrides(
+            stage, out, variant, data_root, image_size, text_length, args.steps_scale, args.no_alignment, previous
+        )
+        if stage_settings is None:
+            print(f"skipping {stage}: {data_root / 'train'} has none of its tasks", flush=True)
+            continue
+        overrides[stage], previous = stage_settings, stage
+    if not overrides:
+        raise DatasetFolderError(f"{data_root}/train: no task file that any of the first {args.stages} stages trains")
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     started = time.monotonic()
     out = args.out.resolve()
 
@@ -191,17 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     text_length = dataset_text_length(data_root, load_t5_tokenizer(out / "components" / "tokenizer"))
 
     variant = out / VARIANTS[args.no_alignment]
-    overrides, previous = {}, None
-    for stage in STAGES[: args.stages]:
-        stage_settings = stage_overrides(
-            stage, out, variant, data_root, image_size, text_length, args.steps_scale, args.no_alignment, previous
-        )
-        if stage_settings is None:
-            print(f"skipping {stage}: {data_root / 'train'} has none of its tasks", flush=True)
-            continue
-        overrides[stage], previous = stage_settings, stage
-    if not overrides:
-        raise DatasetFolderError(f"{data_root}/train: no task file that any of the first {args.stages} stages trains")
+    overrides = plan_stages(args, out, data_root, image_size, text_length)
     stages = list(overrides)
 
     untrained = make_untrained_pipeline(out, stages[0], overrides[stages[0]])
@@ -218,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"outputs for the held-out split: {variant / 'outputs'} (the built-in checker scores only the shapes "
               f"world); {minutes:.1f} min")  # fmt: skip
         return {}
+    return report(args, out, data_root, variant, baseline_jobs, trained_jobs, minutes)
+
+
+def report(args, out: Path, data_root: Path, variant: Path, baseline_jobs, trained_jobs, minutes: float) -> dict:
+    """Score both models' outputs, save the scores, and print the table (beside the other variant's, if run)."""
     scores = {"untrained": score_outputs(baseline_jobs), VARIANTS[args.no_alignment]: score_outputs(trained_jobs)}
     (out / "untrained" / "scores.json").write_text(json.dumps(scores["untrained"], indent=1))
     (variant / "scores.json").write_text(json.dumps(scores[VARIANTS[args.no_alignment]], indent=1))

@@ -8,29 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from unialignment.training.config import ConfigError, load_config, parse_override
+from unialignment.training.config import load_config, parse_overrides
 from unialignment.training.trainer import Trainer
-
-
-def parse_overrides(arguments: list[str]) -> dict:
-    overrides, position = {}, 0
-    while position < len(arguments):
-        argument = arguments[position]
-        if argument.startswith("--local_rank") or argument.startswith("--local-rank"):
-            position += 1 if "=" in argument else 2  # set by the deepspeed launcher; LOCAL_RANK says the same
-            continue
-        if not argument.startswith("--"):
-            raise ConfigError(f"expected --key value, got {argument!r}")
-        if "=" in argument:
-            key, value = argument[2:].split("=", 1)
-            position += 1
-        else:
-            if position + 1 >= len(arguments):
-                raise ConfigError(f"{argument} has no value")
-            key, value = argument[2:], arguments[position + 1]
-            position += 2
-        overrides[key.replace("-", "_")] = parse_override(value)
-    return overrides
 
 
 def main() -> None:

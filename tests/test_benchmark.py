@@ -1,5 +1,6 @@
-"""scripts/benchmark.py: its tiny CPU mode end to end in a subprocess (what CI keeps working), its FLOP counts against
-unialignment/training/flops.py, and the pieces the full size relies on that a CPU can check."""
+"""scripts/benchmark.py (over unialignment/benchmark/): its tiny CPU mode end to end in a subprocess (what CI keeps
+working), its FLOP counts against unialignment/training/flops.py, and the pieces the full size relies on that a CPU
+can check."""
 
 import itertools
 import json
@@ -14,6 +15,8 @@ import pytest
 import torch
 from transformers import T5Config, T5EncoderModel
 
+from unialignment.benchmark import full_size
+from unialignment.frozen.random_weights import build_with_random_weights as random_weights
 from unialignment.frozen.text_encoder import FrozenT5
 from unialignment.models import UniAlignmentTransformer
 from unialignment.toy.t5 import caption_corpus
@@ -148,20 +151,20 @@ def test_full_size_refuses_to_run_on_a_cpu(benchmark, monkeypatch):
         benchmark["main"]([])
 
 
-def test_full_size_components_match_the_reference(benchmark):
+def test_full_size_components_match_the_reference():
     if not FULL_SIZE_COMPONENTS.is_file():
         pytest.skip(f"{FULL_SIZE_COMPONENTS} is not beside this checkout")
     reference = json.loads(FULL_SIZE_COMPONENTS.read_text())
     t5 = reference["t5_v1_1_xxl_encoder (SD3 text_encoder_3)"]
-    assert {key: t5[key] for key in benchmark["T5_XXL_ENCODER"]} == benchmark["T5_XXL_ENCODER"]
-    assert t5["tokenizer_len"] == benchmark["T5_TOKENIZER_LENGTH"]
-    assert reference["sd3_vae (AutoencoderKL)"] == benchmark["SD3_VAE"]
+    assert {key: t5[key] for key in full_size.T5_XXL_ENCODER} == full_size.T5_XXL_ENCODER
+    assert t5["tokenizer_len"] == full_size.T5_TOKENIZER_LENGTH
+    assert reference["sd3_vae (AutoencoderKL)"] == full_size.SD3_VAE
     teacher = reference["qwen2_5_vl_7b_instruct (alignment teacher)"]
-    assert teacher == {"text": benchmark["QWEN2_5_VL_7B_TEXT"], "vision": benchmark["QWEN2_5_VL_7B_VISION"]}
+    assert teacher == {"text": full_size.QWEN2_5_VL_7B_TEXT, "vision": full_size.QWEN2_5_VL_7B_VISION}
 
 
-def test_synthetic_t5_tokenizer_is_laid_out_as_t5s(benchmark):
-    tokenizer = benchmark["synthetic_t5_tokenizer"](400, caption_corpus())
+def test_synthetic_t5_tokenizer_is_laid_out_as_t5s():
+    tokenizer = full_size.synthetic_t5_tokenizer(400, caption_corpus())
     tokenizer.pad_token = tokenizer.eos_token  # as load_t5_tokenizer does
     t5 = FrozenT5(
         tokenizer, T5EncoderModel(T5Config(d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2, vocab_size=448))
@@ -171,11 +174,10 @@ def test_synthetic_t5_tokenizer_is_laid_out_as_t5s(benchmark):
     ids = t5.tokenize(caption_corpus()[:20]).input_ids
     assert tokenizer.unk_token_id not in ids.tolist()
     with pytest.raises(ValueError, match="cannot hold"):
-        benchmark["synthetic_t5_tokenizer"](200, caption_corpus())
+        full_size.synthetic_t5_tokenizer(200, caption_corpus())
 
 
-def test_random_weights_are_drawn_on_the_device_with_ties_and_buffers_kept(benchmark):
-    random_weights = benchmark["random_weights"]
+def test_random_weights_are_drawn_on_the_device_with_ties_and_buffers_kept():
     config = T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, vocab_size=64)
     encoder = random_weights(lambda: T5EncoderModel._from_config(config), torch.device("cpu"), torch.bfloat16, 0)
     assert encoder.shared.weight is encoder.encoder.embed_tokens.weight

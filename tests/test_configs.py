@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from unialignment.toy.components import load_tiny_components
+from unialignment.training.builders import build_transformer
 from unialignment.training.config import BatchConfig, ConfigError, TrainConfig, load_config, parse_override
-from unialignment.training.trainer import build_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py")) + sorted((ROOT / "configs" / "toy").glob("*.py"))

@@ -2,8 +2,10 @@
 task through a DataLoader, aspect-ratio buckets, 2-rank sharding, and cached features equal to online ones."""
 
 import copy
+import dataclasses
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,12 +13,13 @@ from torch.utils.data import DataLoader
 
 from unialignment.data.collate import Collator
 from unialignment.data.dataset import UniAlignmentDataset, build_task_groups
-from unialignment.data.feature_cache import components_fingerprint, write_feature_cache
-from unialignment.data.features import FrozenComponents, prepare_training_batch
+from unialignment.data.feature_cache import components_fingerprint
+from unialignment.data.features import prepare_training_batch, write_feature_cache
 from unialignment.data.records import TaskKind
 from unialignment.data.sampler import SampleKey, TaskMixingSampler
+from unialignment.frozen.components import FrozenComponents, load_frozen_components
 from unialignment.frozen.text_encoder import FrozenT5
-from unialignment.toy.components import load_tiny_components, make_tiny_components
+from unialignment.toy.components import load_tiny_components, make_tiny_components, tiny_components_config
 from unialignment.toy.shapes import all_scenes, draw_scene
 
 
@@ -64,8 +67,13 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory):
-    tiny = load_tiny_components(make_tiny_components(tmp_path_factory.mktemp("components")), max_text_length=24)
+def component_folders(tmp_path_factory):
+    return make_tiny_components(tmp_path_factory.mktemp("components"))
+
+
+@pytest.fixture(scope="module")
+def components(component_folders):
+    tiny = load_tiny_components(component_folders, max_text_length=24)
     return FrozenComponents(tiny.t5, tiny.vae, tiny.teacher)
 
 
@@ -188,3 +196,45 @@ def test_a_cache_of_other_components_is_not_used(world, components, tmp_path, ca
         assert "stale (components changed)" in caplog.text, what
     with pytest.raises(ValueError, match="components_fingerprint"):
         UniAlignmentDataset(groups, use_feature_cache=True)
+
+
+def test_a_stale_cache_names_the_setting_that_changed_and_how_to_rebuild(world, component_folders, tmp_path, caplog):
+    """Every setting that changes a cached value is in the fingerprint: each changed alone, the cache is refused
+    (the group encodes online) with a warning that names it and the command that rebuilds the cache."""
+    settings = tiny_components_config(component_folders, max_text_length=24)
+    groups = build_task_groups(_groups(world), 32, max_bad_fraction=0.5)[:1]
+    for index in groups[0].indexes:
+        write_feature_cache(
+            index, load_frozen_components(settings), 32, 3, shard_size=5, storage_dtype=torch.float32, progress=False
+        )
+    mask_file = tmp_path / "mask.pth"
+    torch.save(torch.randn(32), mask_file)
+    other_vae = tmp_path / "vae"  # another folder: the same weights, another config
+    shutil.copytree(component_folders.vae, other_vae)
+    config = json.loads((other_vae / "config.json").read_text())
+    (other_vae / "config.json").write_text(json.dumps({**config, "scaling_factor": config["scaling_factor"] * 2}))
+    changes = {
+        "components.text_length": dict(text_length=25),
+        "components.teacher_average_padding": dict(teacher_average_padding=False),
+        "components.mask_embedding": dict(mask_embedding=str(mask_file)),
+        "components.dtype": dict(dtype="bfloat16"),
+        "components.vae (config)": dict(vae=str(other_vae)),
+    }
+    for setting, change in changes.items():
+        caplog.clear()
+        fingerprint = components_fingerprint(load_frozen_components(dataclasses.replace(settings, **change)))
+        dataset = UniAlignmentDataset(groups, use_feature_cache=True, components_fingerprint=fingerprint)
+        assert dataset.cache_readers[0] is None, setting
+        assert setting in caplog.text and "scripts/cache_features.py CONFIG" in caplog.text, (setting, caplog.text)
+
+    # The cache of another resolution is a folder of its own: asked for at 64 px, the 32 px one is named.
+    caplog.clear()
+    at_64 = build_task_groups(_groups(world), 64, max_bad_fraction=0.5)[:1]
+    fingerprint = components_fingerprint(load_frozen_components(settings))
+    assert (
+        UniAlignmentDataset(at_64, use_feature_cache=True, components_fingerprint=fingerprint).cache_readers[0] is None
+    )
+    assert "none at resolution 64 px (there is one at 32px)" in caplog.text
+    assert "scripts/cache_features.py CONFIG" in caplog.text
+    # Unchanged settings read the cache.
+    assert UniAlignmentDataset(groups, use_feature_cache=True, components_fingerprint=fingerprint).cache_readers[0]

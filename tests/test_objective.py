@@ -5,10 +5,11 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from unialignment.data.features import TrainingBatch
 from unialignment.frozen.text_encoder import FrozenT5
 from unialignment.toy.t5 import make_tiny_t5
 from unialignment.toy.transformer import make_tiny_transformer
-from unialignment.training.objective import LossWeights, ObjectiveConfig, TrainingBatch, UniAlignmentObjective
+from unialignment.training.objective import LossWeights, ObjectiveConfig, UniAlignmentObjective
 
 CAPTIONS = ["a red circle on the left", "a blue square at the top", "a green star in the middle", "a pink heart"]
 TEACHER_DIM = 10

@@ -24,7 +24,7 @@ QUESTIONS = ["what shape is on the left", "what is at the top"]
 HEIGHT, WIDTH = 32, 48  # not square, so that a swapped height and width shows
 STEPS = 2
 TEXT_LENGTH = 20  # room for the questions, which the tiny tokenizer splits into many pieces
-# The keys of the authors' transformer/config.json (SPEC section 1, reference/unialignment_transformer_config.json).
+# The keys of the authors' transformer/config.json (the released checkpoint's; docs/METHOD.md section 1).
 AUTHORS_CONFIG_KEYS = (*TINY_SD3_CONFIG, "dual_attention_layers", "qk_norm", "vocab_size")
 
 

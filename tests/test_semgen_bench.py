@@ -17,19 +17,20 @@ from unialignment.evaluation.semgen_bench import (
     TASKS,
     BenchError,
     GenerationSettings,
-    ScoreRow,
-    Scores,
-    TaskSummary,
-    format_report,
     generate,
     output_path,
-    parse_scores,
     read_bench,
-    read_scores,
     sample_seed,
-    score,
     shard,
     shard_from_environment,
+)
+from unialignment.evaluation.semgen_judge import Scores, parse_scores
+from unialignment.evaluation.semgen_scores import (
+    ScoreRow,
+    TaskSummary,
+    format_report,
+    read_scores,
+    score,
     summarize,
     write_scores,
 )

@@ -1,12 +1,19 @@
-"""Text-stream tokenization: fixed length, EOS padding, FrozenT5 parity, question prefixes and truncation."""
+"""Text-stream tokenization: fixed length, EOS padding, FrozenT5 parity, question prefixes and truncation, and one
+contract for training and inference."""
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from transformers import AutoTokenizer, T5EncoderModel
 
-from unialignment.data.tokenization import tokenize_captions
-from unialignment.frozen.text_encoder import FrozenT5
+from unialignment.data.collate import Collator
+from unialignment.data.dataset import Sample
+from unialignment.data.records import TaskKind
+from unialignment.frozen.text_encoder import FrozenT5, load_t5_tokenizer, tokenize_captions
+from unialignment.pipelines import UniAlignmentPipeline
+from unialignment.toy.components import make_tiny_components
 from unialignment.toy.t5 import caption_corpus, make_tiny_t5
+from unialignment.toy.transformer import make_tiny_transformer
 
 # Words of the tiny tokenizer's corpus, so that nothing decodes to <unk> (it has no capital I or "?").
 QUESTION = "is there a red circle on the left of the image"
@@ -109,3 +116,47 @@ def test_pad_must_be_eos(t5, tokenizer):
 def test_one_question_per_caption(tokenizer):
     with pytest.raises(ValueError, match="2 questions for 1 captions"):
         tokenize_captions(tokenizer, [ANSWER], [QUESTION, QUESTION])
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    return make_tiny_components(tmp_path_factory.mktemp("components"))
+
+
+@pytest.mark.parametrize("length", [8, 20, 64, 256])
+def test_training_and_inference_tokenize_prompts_alike(tiny_folders, length):
+    """The ids training's collator gives a prompt are the ids the pipeline feeds T5 for it, at every length."""
+    prompts = [*caption_corpus()[:3], LONG_ANSWER, "ünïcødé ✓"]
+    texts = [" "] * len(prompts) + prompts  # guidance encodes the null prompt " " first, then the prompts
+    tokenizer = load_t5_tokenizer(tiny_folders.tokenizer, max_length=length)
+    samples = [
+        Sample(TaskKind.TEXT_TO_IMAGE, 0, 0, torch.zeros(3, 8, 8), [], None, text, text, "", "x", ("x", row), 0, 0)
+        for row, text in enumerate(texts)
+    ]
+    training_ids = Collator(tokenizer, length)(samples).prompt_ids
+
+    text_encoder = T5EncoderModel.from_pretrained(tiny_folders.text_encoder)
+    vae = AutoencoderKL.from_pretrained(tiny_folders.vae)
+    transformer = make_tiny_transformer(
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        joint_attention_dim=text_encoder.config.d_model,
+        vocab_size=len(tokenizer),
+    )
+    pipe = UniAlignmentPipeline(transformer, FlowMatchEulerDiscreteScheduler(), vae, text_encoder, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    pipe.text_to_image(prompts, height=16, width=16, num_inference_steps=1, guidance_scale=2.0, output_type="latent")
+    (inference_ids,) = seen
+    assert inference_ids.shape == (len(texts), length)
+    assert torch.equal(inference_ids, training_ids)
+
+
+def test_building_frozen_t5_leaves_the_tokenizer_alone(t5):
+    """The text length is a setting of FrozenT5 (and of the loader that records it), not a side effect on a tokenizer
+    that others share."""
+    before = t5.tokenizer.model_max_length
+    short = FrozenT5(t5.tokenizer, t5.encoder, max_length=7)
+    assert t5.tokenizer.model_max_length == before
+    assert short.tokenize(["a red circle on the left"]).input_ids.shape == (1, 7)

@@ -1,4 +1,4 @@
-# Reference settings (SPEC section 6): AdamW 3e-5, weight decay 0.01, 2000 warm-up steps then constant,
+# Reference settings (docs/METHOD.md section 6): AdamW 3e-5, weight decay 0.01, 2000 warm-up steps then constant,
 # clip 2.0, global batch 384 in micro-batches of 4, 80k steps, EMA 0.9995, a checkpoint every 5000 steps.
 optimizer = dict(
     lr=3e-5, weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=2000, lr_schedule="constant", clip_grad_norm=2.0

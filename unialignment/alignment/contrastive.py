@@ -1,7 +1,7 @@
 """Cross-modal semantic alignment: a symmetric InfoNCE loss between the image and text streams.
 
 The CLIP objective (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
-Supervision") applied inside UniAlignment (Song et al. 2025, SPEC section 5): the pooled, normalised
+Supervision") applied inside UniAlignment (Song et al. 2025, docs/METHOD.md section 5): the pooled, normalised
 final image states of the image-stream pass against the pooled, normalised final text states of the
 text-stream pass, with the other samples of the batch as negatives.
 """

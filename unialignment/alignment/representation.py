@@ -1,7 +1,7 @@
 """Intrinsic-modal semantic alignment: the alignment heads' outputs pulled toward a frozen teacher.
 
 Representation alignment as in REPA (Yu et al. 2024, "Representation Alignment for Generation:
-Training Diffusion Transformers Is Easier Than You Think"), applied by UniAlignment (SPEC section 5) to
+Training Diffusion Transformers Is Easier Than You Think"), applied by UniAlignment (docs/METHOD.md section 5) to
 both streams: the block-`align_depth` image states toward the teacher's image features and the text
 states toward the teacher's text embeddings.
 """

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from unialignment.data.dataset import Sample
 from unialignment.data.records import TaskKind
-from unialignment.data.tokenization import TokenizedCaptions, tokenize_captions
-from unialignment.frozen.text_encoder import MAX_TEXT_LENGTH
-
-if TYPE_CHECKING:  # the dataset module imports this one through the feature cache
-    from unialignment.data.dataset import Sample
+from unialignment.frozen.text_encoder import MAX_TEXT_LENGTH, TokenizedText, tokenize_captions
 
 
 @dataclass
@@ -32,7 +28,7 @@ class RawBatch:
     source_pixels: list[torch.Tensor] | None
     features: dict[str, torch.Tensor] | None
     prompt_ids: torch.Tensor
-    caption: TokenizedCaptions
+    caption: TokenizedText
     prompts: list[str]
     captions: list[str]
     questions: list[str]

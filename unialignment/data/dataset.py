@@ -15,19 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from unialignment.data.feature_cache import FeatureCacheReader
 from unialignment.data.jsonl_index import JsonlIndex, check_bad_fraction, write_skip_report
 from unialignment.data.records import TaskKind
 from unialignment.data.sampler import SampleKey
-from unialignment.data.transforms import check_size, make_buckets, nearest_bucket, prepare_images
+from unialignment.data.transforms import (
+    IMAGE_ERRORS,
+    SD3_SIZE_MULTIPLE,
+    check_size,
+    load_image,
+    make_buckets,
+    nearest_bucket,
+    prepare_images,
+)
 
 logger = logging.getLogger(__name__)
-
-# Errors PIL raises for unreadable, truncated or hostile image files.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -54,10 +58,19 @@ class TaskGroupConfig:
 
 
 class TaskGroup:
-    """The indexed files of one group, concatenated, and split into aspect-ratio bucket pools when asked."""
+    """The indexed files of one group, concatenated, and split into aspect-ratio bucket pools when asked.
+    `size_multiple`: what every bucket's sides are multiples of (VAE downsampling x patch size)."""
 
-    def __init__(self, name: str, weight: float, indexes: list[JsonlIndex], buckets: list[tuple[int, int]]):
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        indexes: list[JsonlIndex],
+        buckets: list[tuple[int, int]],
+        size_multiple: int = SD3_SIZE_MULTIPLE,
+    ):
         self.name, self.weight, self.indexes, self.buckets = name, weight, indexes, buckets
+        self.size_multiple = size_multiple
         self._starts = np.cumsum([0] + [len(index) for index in indexes])
         if self._starts[-1] == 0:
             raise ValueError(f"task group {name!r} has no valid records in {[str(i.path) for i in indexes]}")
@@ -108,11 +121,13 @@ def build_task_groups(
     report_path: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    size_multiple: int = SD3_SIZE_MULTIPLE,
 ) -> list[TaskGroup]:
     """Index and validate every file of every group; write the skipped lines to `report_path` (the run
-    folder's report) and stop with a clear error when more than `max_bad_fraction` of a file is bad."""
-    check_size(resolution, resolution)
-    buckets = make_buckets(resolution) if aspect_ratio_buckets else [(resolution, resolution)]
+    folder's report) and stop with a clear error when more than `max_bad_fraction` of a file is bad.
+    `size_multiple`: the components' VAE downsampling x patch size, which the resolution must divide into."""
+    check_size(resolution, resolution, size_multiple)
+    buckets = make_buckets(resolution, size_multiple) if aspect_ratio_buckets else [(resolution, resolution)]
     built, all_indexes = [], []
     for config in groups:
         config = config if isinstance(config, TaskGroupConfig) else TaskGroupConfig(**config)
@@ -132,7 +147,7 @@ def build_task_groups(
                 )
             )
         all_indexes.extend(indexes)
-        built.append(TaskGroup(config.name, config.weight, indexes, buckets))
+        built.append(TaskGroup(config.name, config.weight, indexes, buckets, size_multiple))
     if report_path is not None:
         write_skip_report(all_indexes, report_path)
     for index in all_indexes:
@@ -162,13 +177,6 @@ class Sample:
     step: int
     micro_step: int
     replaced: list[str] = field(default_factory=list)
-
-
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image (PIL decodes lazily, so truncation shows up only on `load`)."""
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
 
 
 class UniAlignmentDataset(Dataset):
@@ -228,7 +236,7 @@ class UniAlignmentDataset(Dataset):
             height, width = group.pool_buckets[key.bucket]
             target = load_image(record.target_image)
             sources = [load_image(path) for path in record.source_images]
-            target_pixels, source_pixels = prepare_images(target, sources, height, width)
+            target_pixels, source_pixels = prepare_images(target, sources, height, width, group.size_multiple)
             num_sources = len(source_pixels)
         return Sample(
             record.task,

@@ -1,12 +1,13 @@
 """Offline feature cache (beyond the reference, for speed): the frozen components' outputs, once per record.
 
-For a JSONL file and a resolution, `write_feature_cache` stores in sharded safetensors beside the data
+For a JSONL file and a resolution, the cache stores in sharded safetensors beside the data
 (`.<file>.features/<resolution>px/`): the VAE posterior mean and std of the target and of every condition image,
 the T5 states of the prompt and the teacher's image and text targets, one row per valid record of the file's
 index, plus a `valid` flag for rows whose images could not be read. Storing the posterior rather than one latent
 keeps the sampling noise fresh every epoch, as online encoding does. `FeatureCacheReader` reads single rows
-lazily; a cache whose JSONL file, resolution, format or frozen components (`components_fingerprint`: weights,
-tokenizer, mask embedding, text length) have changed since it was written is not used.
+lazily; a cache whose JSONL file, resolution, format or frozen components (`components_fingerprint`: every
+setting that changes a cached value) have changed since it was written is not used, with a warning that names
+what changed and how to rebuild it. The writer is `unialignment.data.features.write_feature_cache`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
-from unialignment.data.collate import Collator
-from unialignment.data.features import FrozenComponents, compute_features
-from unialignment.data.jsonl_index import JsonlIndex
+from unialignment.frozen.components import FrozenComponents
 
 logger = logging.getLogger(__name__)
 
@@ -36,43 +33,77 @@ def cache_folder(jsonl_path: str | Path, resolution: int) -> Path:
     return jsonl_path.parent / f".{jsonl_path.name}.features" / f"{resolution}px"
 
 
-def _fingerprint(jsonl_path: Path) -> dict:
+REBUILD = (
+    "rebuild it with `python scripts/cache_features.py CONFIG [--key value ...]`, the run's own config and overrides"
+)
+
+
+def source_fingerprint(jsonl_path: Path) -> dict:
     stat = os.stat(jsonl_path)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def components_fingerprint(components: FrozenComponents) -> str:
-    """A digest of what the frozen components compute: the first values of every weight tensor of T5, the VAE and
-    the teacher (enough to tell one checkpoint from another, cheap even at full size), T5's mask-token row (a learned
-    mask embedding replaces it), the tokenizer's vocabulary, the text length, the VAE's latent scaling and the
-    teacher's padding rule. A cache written under another fingerprint would feed a run features of other models."""
+def _digest(values) -> str:
     digest = hashlib.sha256()
-
-    def add(name: str, value) -> None:
+    for name, value in values:
         digest.update(name.encode())
         if isinstance(value, torch.Tensor):
+            # The first values of every tensor tell one checkpoint from another, cheaply even at full size.
             digest.update(value.detach().flatten()[:256].float().cpu().numpy().tobytes())
         else:
             digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return "sha256:" + digest.hexdigest()[:16]
 
-    def add_module(prefix: str, module: torch.nn.Module) -> None:
-        for name, tensor in module.state_dict().items():
-            add(f"{prefix}.{name}", tensor)
 
+def _config(module) -> dict:
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # Bookkeeping that does not change what a model computes.
+    return {k: v for k, v in values.items() if k not in ("_name_or_path", "_diffusers_version", "transformers_version")}
+
+
+def components_fingerprint(components: FrozenComponents) -> dict[str, object]:
+    """Every setting of the frozen components that changes a cached value, by the config key that sets it: the
+    weights and configs of T5, the VAE and the teacher (which is what their folders are), the tokenizer's
+    vocabulary, the text length, the mask-token row (a learned mask embedding replaces it), the dtype and the
+    teacher's padding rule and text length. A cache written under other values would feed a run features of
+    other models; `FeatureCacheReader.open` names each one that differs."""
     t5, vae, teacher = components.t5, components.vae, components.teacher
-    add_module("t5", t5.encoder)
-    add("t5.mask_row", t5.encoder.get_input_embeddings().weight[t5.mask_token_id])
-    add("t5.vocab", sorted(t5.tokenizer.get_vocab().items()))
-    add("t5.text_length", t5.max_length)
-    add_module("vae", vae.vae)
-    add("vae.scaling", [vae.vae.config.scaling_factor, vae.vae.config.shift_factor])
-    add("teacher", None if teacher is None else type(teacher).__qualname__)
-    # any teacher with the two target methods plugs in; its weights count where it exposes them
-    module = teacher if isinstance(teacher, torch.nn.Module) else getattr(teacher, "model", None)
-    if isinstance(module, torch.nn.Module):
-        add_module("teacher", module)
-    add("teacher.average_padding", getattr(teacher, "average_padding", None))
-    return digest.hexdigest()[:24]
+    teacher_module = teacher if isinstance(teacher, torch.nn.Module) else getattr(teacher, "model", None)
+    teacher_model = getattr(teacher, "model", teacher_module)
+    return {
+        "components.text_encoder (weights)": _digest(t5.encoder.state_dict().items()),
+        "components.text_encoder (config)": _digest(_config(t5.encoder).items()),
+        "components.tokenizer": _digest(sorted(t5.tokenizer.get_vocab().items())),
+        "components.text_length": t5.max_length,
+        "components.mask_embedding": _digest([("row", t5.encoder.get_input_embeddings().weight[t5.mask_token_id])]),
+        "components.vae (weights)": _digest(vae.vae.state_dict().items()),
+        "components.vae (config)": _digest(_config(vae.vae).items()),
+        "components.dtype": [str(t5.dtype), str(vae.dtype), str(getattr(teacher_model, "dtype", None))],
+        "components.teacher": None if teacher is None else type(teacher).__qualname__,
+        # any teacher with the two target methods plugs in; its weights count where it exposes them
+        "components.teacher (weights)": None
+        if not isinstance(teacher_module, torch.nn.Module)
+        else _digest(teacher_module.state_dict().items()),
+        "components.teacher (config)": _digest(_config(teacher_model).items()),
+        "components.teacher_average_padding": getattr(teacher, "average_padding", None),
+        "components.text_length (teacher)": getattr(teacher, "max_text_length", None),
+    }
+
+
+def _changes(written: object, now: dict) -> list[str]:
+    """What differs between a cache's recorded components and the run's, one phrase per setting."""
+    if not isinstance(written, dict):
+        return ["the cache was written by an older version of the code"]
+    changes = []
+    for key in sorted(set(written) | set(now)):
+        before, after = written.get(key), now.get(key)
+        if before != after:
+            digests = str(before).startswith("sha256:") and str(after).startswith("sha256:")
+            changes.append(f"{key} differs" if digests else f"{key} was {before!r}, now {after!r}")
+    return changes
 
 
 class FeatureCacheReader:
@@ -85,26 +116,36 @@ class FeatureCacheReader:
         self._pid = os.getpid()
 
     @classmethod
-    def open(cls, jsonl_path: str | Path, resolution: int, num_rows: int, components: str) -> FeatureCacheReader | None:
-        """The cache of a file, or None (with a log line saying why) when there is none or it is stale.
-        `components`: the run's `components_fingerprint`."""
+    def open(
+        cls, jsonl_path: str | Path, resolution: int, num_rows: int, components: dict
+    ) -> FeatureCacheReader | None:
+        """The cache of a file, or None (with a log line saying why and how to rebuild it) when there is none or it
+        is stale. `components`: the run's `components_fingerprint`."""
         folder = cache_folder(jsonl_path, resolution)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
+            others = sorted(p.parent.name for p in folder.parent.glob("*px/meta.json"))
+            if others:
+                logger.warning(
+                    "feature cache of %s: none at resolution %d px (there is one at %s); encoding it online; %s",
+                    jsonl_path, resolution, ", ".join(others), REBUILD,
+                )  # fmt: skip
             return None
         meta = json.loads(meta_path.read_text())
         expected = {
             "version": FORMAT_VERSION,
             "resolution": resolution,
             "num_rows": num_rows,
-            "source": _fingerprint(Path(jsonl_path)),
+            "source": source_fingerprint(Path(jsonl_path)),
             "components": components,
         }
         stale = [key for key, value in expected.items() if meta.get(key) != value]
         if stale:
+            details = _changes(meta.get("components"), components) if "components" in stale else []
             logger.warning(
-                "feature cache %s is stale (%s changed); encoding %s online", folder, ", ".join(stale), jsonl_path
-            )
+                "feature cache %s is stale (%s changed)%s; encoding %s online; %s",
+                folder, ", ".join(stale), (": " + "; ".join(details)) if details else "", jsonl_path, REBUILD,
+            )  # fmt: skip
             return None
         return cls(folder, meta)
 
@@ -128,86 +169,3 @@ class FeatureCacheReader:
         num_sources = int(shard.get_slice("num_sources")[offset : offset + 1][0])
         names = [n for n in self.names if not n.startswith("source_") or int(n.split("_")[1]) < num_sources]
         return num_sources, {name: shard.get_slice(name)[offset : offset + 1][0] for name in names}
-
-
-@torch.no_grad()
-def write_feature_cache(
-    index: JsonlIndex,
-    components: FrozenComponents,
-    resolution: int,
-    batch_size: int = 16,
-    shard_size: int = 1024,
-    storage_dtype: torch.dtype = torch.bfloat16,
-    progress: bool = True,
-) -> Path:
-    """Encode every valid record of `index` at `resolution` (square, as without aspect-ratio buckets)."""
-    # Imported here: the dataset module reads caches, so a module-level import would be circular.
-    from unialignment.data.dataset import IMAGE_ERRORS, TaskGroup, UniAlignmentDataset
-    from unialignment.data.sampler import SampleKey
-
-    folder = cache_folder(index.path, resolution)
-    folder.mkdir(parents=True, exist_ok=True)
-    group = TaskGroup(str(index.path), 1.0, [index], [(resolution, resolution)])
-    dataset = UniAlignmentDataset([group], max_attempts=1)
-    collator = Collator(components.t5.tokenizer, components.t5.max_length)
-    names, failures = None, []
-    rows = range(len(index))
-    bar = tqdm(total=len(index), desc=f"caching {index.path.name}", disable=not progress)
-    for shard, shard_start in enumerate(range(0, len(index), shard_size)):
-        shard_rows = rows[shard_start : shard_start + shard_size]
-        columns: dict[str, list[torch.Tensor]] = {}
-        valid = torch.zeros(len(shard_rows), dtype=torch.uint8)
-        num_sources = torch.zeros(len(shard_rows), dtype=torch.uint8)
-        for batch_start in range(0, len(shard_rows), batch_size):
-            samples, positions = [], []
-            for position, row in enumerate(shard_rows[batch_start : batch_start + batch_size], start=batch_start):
-                try:
-                    samples.append(dataset.prepare(group, row, SampleKey(0, 0, row, 0, 0)))
-                    positions.append(position)
-                except IMAGE_ERRORS as error:  # an unreadable record is marked invalid, never fatal
-                    failures.append(f"{index.location(row)}: {type(error).__name__}: {error}")
-            # Records of one file may differ in their number of condition images: encode each count apart.
-            for count in sorted({s.num_sources for s in samples}):
-                chosen = [(p, s) for p, s in zip(positions, samples, strict=True) if s.num_sources == count]
-                features = compute_features(collator([s for _, s in chosen]), components)
-                names = names or sorted(features)
-                for name in names:
-                    column = columns.setdefault(name, [None] * len(shard_rows))
-                    for (position, _), value in zip(chosen, features[name].cpu(), strict=True):
-                        column[position] = value.to(storage_dtype)
-                valid[[p for p, _ in chosen]] = 1
-                num_sources[[p for p, _ in chosen]] = count
-            bar.update(len(shard_rows[batch_start : batch_start + batch_size]))
-        if names is None:
-            raise RuntimeError(f"no record of {index.path} could be read for the feature cache: {failures[:5]}")
-        tensors = {"valid": valid, "num_sources": num_sources}
-        for name in names:
-            column = columns.get(name, [None] * len(shard_rows))
-            template = (
-                next(value for value in column if value is not None) if any(v is not None for v in column) else None
-            )
-            if template is None:  # a whole shard without this feature (no record had that many sources)
-                continue
-            tensors[name] = torch.stack(
-                [value if value is not None else torch.zeros_like(template) for value in column]
-            )
-        save_file(tensors, folder / f"shard-{shard:05d}.safetensors")
-    bar.close()
-    meta = {
-        "version": FORMAT_VERSION,
-        "resolution": resolution,
-        "num_rows": len(index),
-        "source": _fingerprint(Path(index.path)),
-        "components": components_fingerprint(components),
-        "shard_size": shard_size,
-        "names": names,
-        "storage_dtype": str(storage_dtype),
-        "failures": failures,
-    }
-    # meta.json last: a cache without it is incomplete and never read.
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    if failures:
-        logger.warning(
-            "%d records of %s could not be cached (marked invalid): %s", len(failures), index.path, failures[:5]
-        )
-    return folder

@@ -1,32 +1,62 @@
-"""From a raw batch to the objective's `TrainingBatch`: what the frozen components compute.
+"""From a raw batch to the objective's `TrainingBatch`: what the frozen components compute, online or cached.
 
 Per sample, the frozen components give: the VAE posterior (mean, std) of the target and of each condition
 image, the T5 states of the image stream's prompt, and the teacher's image and text targets. These are computed
 online, or read from the offline feature cache (`unialignment.data.feature_cache`), which stores exactly these
 tensors; either way the latents are then drawn from the posterior with the run's generator, so both paths give
-the same batches for the same seed.
+the same batches for the same seed. `write_feature_cache` writes that cache (`scripts/cache_features.py`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
 
-from unialignment.data.collate import RawBatch
-from unialignment.frozen.teacher import AlignmentTeacher
-from unialignment.frozen.text_encoder import FrozenT5
+from unialignment.data.collate import Collator, RawBatch
+from unialignment.data.dataset import TaskGroup, UniAlignmentDataset
+from unialignment.data.feature_cache import FORMAT_VERSION, cache_folder, components_fingerprint, source_fingerprint
+from unialignment.data.jsonl_index import JsonlIndex
+from unialignment.data.sampler import SampleKey
+from unialignment.data.transforms import IMAGE_ERRORS, SD3_SIZE_MULTIPLE
+from unialignment.frozen.components import FrozenComponents
 from unialignment.frozen.vae import FrozenVAE, pixels_to_pil
-from unialignment.training.objective import TrainingBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FrozenComponents:
-    """The frozen models of a run; `teacher` None switches the representation-alignment targets off."""
+class TrainingBatch:
+    """One micro-batch of one task, already encoded by the frozen components.
 
-    t5: FrozenT5
-    vae: FrozenVAE
-    teacher: AlignmentTeacher | None = None
+    target_latents: (B, C, H, W) clean VAE latents of the image to generate (t2i image, edit target).
+    prompt_embeds: (B, L, D_t5) T5 states of the image stream's condition (t2i prompt, edit instruction).
+    caption_ids: (B, L) T5 ids of the text the text stream models (the caption; for VQA prompt + answer).
+    condition_latents: k tensors (B, C, H_i, W_i) of clean condition images (edit source, composition).
+    caption_score_mask: (B, L) True on the tokens to noise and score (the answer of a VQA record);
+        None for all tokens.
+    caption_attention_mask: (B, L) real tokens, for the "real_tokens" text-loss normalisation.
+    teacher_image_targets / teacher_text_targets: (B, D_teacher) frozen teacher features of the target
+        image and of the caption; None skips that alignment term.
+    text_stream_latents: (B, C, H, W) the clean image the text stream sees; defaults to target_latents.
+        Text-only samples use the null image: pass `text_stream_uses_null_image=True`.
+    """
+
+    target_latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    caption_ids: torch.Tensor
+    condition_latents: list[torch.Tensor] | None = None
+    caption_score_mask: torch.Tensor | None = None
+    caption_attention_mask: torch.Tensor | None = None
+    teacher_image_targets: torch.Tensor | None = None
+    teacher_text_targets: torch.Tensor | None = None
+    text_stream_latents: torch.Tensor | None = None
+    text_stream_uses_null_image: bool = False
 
 
 @torch.no_grad()
@@ -85,3 +115,94 @@ def prepare_training_batch(
     """Cached features when the batch carries them, else the frozen components online."""
     features = batch.features if batch.features is not None else compute_features(batch, components)
     return to_training_batch(batch, features, components.vae, generator, device, dtype)
+
+
+@torch.no_grad()
+def write_feature_cache(
+    index: JsonlIndex,
+    components: FrozenComponents,
+    resolution: int,
+    batch_size: int = 16,
+    shard_size: int = 1024,
+    storage_dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+    size_multiple: int = SD3_SIZE_MULTIPLE,
+) -> Path:
+    """Encode every valid record of `index` at `resolution` (square, as without aspect-ratio buckets) into the
+    offline feature cache (`unialignment.data.feature_cache`); returns its folder."""
+    folder = cache_folder(index.path, resolution)
+    folder.mkdir(parents=True, exist_ok=True)
+    group = TaskGroup(str(index.path), 1.0, [index], [(resolution, resolution)], size_multiple)
+    encoder = _ShardEncoder(group, components, batch_size, storage_dtype)
+    bar = tqdm(total=len(index), desc=f"caching {index.path.name}", disable=not progress)
+    for shard, shard_start in enumerate(range(0, len(index), shard_size)):
+        tensors = encoder.encode(range(shard_start, min(len(index), shard_start + shard_size)), bar)
+        save_file(tensors, folder / f"shard-{shard:05d}.safetensors")
+    bar.close()
+    meta = {
+        "version": FORMAT_VERSION,
+        "resolution": resolution,
+        "num_rows": len(index),
+        "source": source_fingerprint(Path(index.path)),
+        "components": components_fingerprint(components),
+        "shard_size": shard_size,
+        "names": encoder.names,
+        "storage_dtype": str(storage_dtype),
+        "failures": encoder.failures,
+    }
+    # meta.json last: a cache without it is incomplete and never read.
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    if encoder.failures:
+        logger.warning(
+            "%d records of %s could not be cached (marked invalid): %s",
+            len(encoder.failures), index.path, encoder.failures[:5],
+        )  # fmt: skip
+    return folder
+
+
+class _ShardEncoder:
+    """The cache's rows of one shard: each record read as training reads it, then the frozen components."""
+
+    def __init__(self, group: TaskGroup, components: FrozenComponents, batch_size: int, storage_dtype: torch.dtype):
+        self.group, self.components, self.batch_size, self.storage_dtype = group, components, batch_size, storage_dtype
+        self.dataset = UniAlignmentDataset([group], max_attempts=1)
+        self.collator = Collator(components.t5.tokenizer, components.t5.max_length)
+        self.names: list[str] | None = None
+        self.failures: list[str] = []
+
+    def encode(self, rows: range, bar: tqdm) -> dict[str, torch.Tensor]:
+        columns: dict[str, list[torch.Tensor | None]] = {}
+        valid = torch.zeros(len(rows), dtype=torch.uint8)
+        num_sources = torch.zeros(len(rows), dtype=torch.uint8)
+        for batch_start in range(0, len(rows), self.batch_size):
+            samples, positions = [], []
+            for position in range(batch_start, min(len(rows), batch_start + self.batch_size)):
+                row = rows[position]
+                try:
+                    samples.append(self.dataset.prepare(self.group, row, SampleKey(0, 0, row, 0, 0)))
+                    positions.append(position)
+                except IMAGE_ERRORS as error:  # an unreadable record is marked invalid, never fatal
+                    self.failures.append(f"{self.group.indexes[0].location(row)}: {type(error).__name__}: {error}")
+            # Records of one file may differ in their number of condition images: encode each count apart.
+            for count in sorted({s.num_sources for s in samples}):
+                chosen = [(p, s) for p, s in zip(positions, samples, strict=True) if s.num_sources == count]
+                features = compute_features(self.collator([s for _, s in chosen]), self.components)
+                self.names = self.names or sorted(features)
+                for name in self.names:
+                    column = columns.setdefault(name, [None] * len(rows))
+                    for (position, _), value in zip(chosen, features[name].cpu(), strict=True):
+                        column[position] = value.to(self.storage_dtype)
+                valid[[p for p, _ in chosen]] = 1
+                num_sources[[p for p, _ in chosen]] = count
+            bar.update(min(self.batch_size, len(rows) - batch_start))
+        if self.names is None:
+            path = self.group.indexes[0].path
+            raise RuntimeError(f"no record of {path} could be read for the feature cache: {self.failures[:5]}")
+        tensors = {"valid": valid, "num_sources": num_sources}
+        for name in self.names:
+            present = [value for value in columns.get(name, []) if value is not None]
+            if not present:  # a whole shard without this feature (no record had that many sources)
+                continue
+            template = torch.zeros_like(present[0])
+            tensors[name] = torch.stack([template if value is None else value for value in columns[name]])
+        return tensors

@@ -18,7 +18,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unialignment.data.records import Record, RecordError, TaskKind, parse_record
+from unialignment.files import atomic_path
 
 # Bump when the arrays or the validation rules change, so that old caches are rebuilt.
 INDEX_FORMAT_VERSION = 1
@@ -175,10 +175,7 @@ class JsonlIndex:
 
     def _save(self, cache_path: Path, cache_key: dict):
         """Write atomically, so that ranks building the same index at once never read a half-written file."""
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=cache_path.parent, prefix=cache_path.name, suffix=".tmp", delete=False
-        ) as f:
+        with atomic_path(cache_path) as temporary, open(temporary, "wb") as f:
             np.savez(
                 f,
                 key=_json_bytes(cache_key),
@@ -189,8 +186,6 @@ class JsonlIndex:
                 widths=self.widths,
                 heights=self.heights,
             )
-        os.chmod(f.name, 0o644)  # temporary files are private; the cache is as readable as the data
-        os.replace(f.name, cache_path)
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -1,4 +1,4 @@
-"""What one JSONL line means: the five task kinds of UniAlignment's data (SPEC section 7).
+"""What one JSONL line means: the five task kinds of UniAlignment's data (docs/METHOD.md section 7).
 
 ShareGPT-style records (the authors' format): `image` lists image paths, `conversations` alternates
 `human` and `gpt` turns, `instruction` conditions the image stream of edits. A parsed `Record` says, for

@@ -1,6 +1,6 @@
 """Task mixing: every optimizer step takes one task, and every rank gets a batch of that task.
 
-The reference alternates text-to-image and edit steps 1:1 (SPEC section 6). Here a stage lists task groups
+The reference alternates text-to-image and edit steps 1:1 (docs/METHOD.md section 6). Here a stage lists task groups
 (a group is one or more datasets whose records batch together, e.g. editing and perception) with weights;
 the step's group is chosen either by a deterministic weighted round robin ("alternate", the reference) or
 by a seeded weighted draw ("random").

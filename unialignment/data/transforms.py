@@ -8,29 +8,48 @@ default: with buckets off every sample is (resolution, resolution)).
 All images of one sample (target and condition sources) get the same output geometry, so an edit source and
 its target of the same size stay pixel-aligned, which the editing and perception tasks rely on.
 
-Heights and widths are multiples of 16: the VAE downsamples by 8 and the transformer patchifies latents 2 x 2,
-so any other size would not tile into whole patches.
+Heights and widths are multiples of the VAE's downsampling times the transformer's patch size (16 for SD3: 8 x 2),
+so that latents tile into whole patches. Callers that hold the components pass their own multiple; the default is
+SD3's.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-PATCH_MULTIPLE = 16  # VAE downsampling factor 8 x transformer patch size 2
+SD3_SIZE_MULTIPLE = 16  # SD3's VAE downsampling 8 x transformer patch size 2
+
+# Errors PIL raises for unreadable, truncated or hostile image files.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def check_size(height: int, width: int, multiple: int = PATCH_MULTIPLE) -> None:
+def size_multiple(vae_downsampling: int, patch_size: int) -> int:
+    """What image sides must be multiples of: the VAE's downsampling times the transformer's patch size."""
+    return vae_downsampling * patch_size
+
+
+def check_size(height: int, width: int, multiple: int = SD3_SIZE_MULTIPLE) -> None:
     """Raise a ValueError unless both sides are positive multiples of `multiple`."""
     for name, side in (("height", height), ("width", width)):
         if side <= 0 or side % multiple != 0:
             raise ValueError(
                 f"Image {name} {side} is not a positive multiple of {multiple} "
-                "(VAE downsampling 8 x patch size 2); pick a resolution such as 256, 512 or 1024."
+                f"(the VAE's downsampling x the transformer's patch size); pick a multiple of {multiple}."
             )
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, fully decode (PIL decodes lazily, so a truncated file fails here) and convert to RGB with `to_rgb`.
+    Raises one of IMAGE_ERRORS when the file cannot be read."""
+    with Image.open(path) as image:
+        image.load()
+        rgb = to_rgb(image)
+        return rgb if rgb is not image else image.copy()  # closing the file releases the image it returned
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -69,13 +88,13 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 
 
 def prepare_images(
-    target: Image.Image, sources: list[Image.Image], height: int, width: int
+    target: Image.Image, sources: list[Image.Image], height: int, width: int, multiple: int = SD3_SIZE_MULTIPLE
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Resize-crop the target and every source to the same (height, width) and scale to [-1, 1].
 
     Returns target pixels (3, height, width) and one (3, height, width) tensor per source.
     """
-    check_size(height, width)
+    check_size(height, width, multiple)
     target_pixels = to_pixels(resize_and_center_crop(target, height, width))
     source_pixels = [to_pixels(resize_and_center_crop(source, height, width)) for source in sources]
     return target_pixels, source_pixels
@@ -87,7 +106,7 @@ def _round_to_multiple(value: float, multiple: int) -> int:
 
 def make_buckets(
     resolution: int,
-    patch_multiple: int = PATCH_MULTIPLE,
+    patch_multiple: int = SD3_SIZE_MULTIPLE,
     min_ratio: float = 0.5,
     max_ratio: float = 2.0,
     step: float = 0.25,
@@ -101,7 +120,8 @@ def make_buckets(
     """
     if resolution % patch_multiple != 0:
         raise ValueError(
-            f"resolution {resolution} is not a multiple of {patch_multiple} (VAE downsampling 8 x patch size 2)."
+            f"resolution {resolution} is not a multiple of {patch_multiple} (the VAE's downsampling x the "
+            "transformer's patch size)."
         )
     if not 0 < min_ratio <= 1 <= max_ratio:
         raise ValueError(f"need 0 < min_ratio <= 1 <= max_ratio, got min_ratio={min_ratio}, max_ratio={max_ratio}.")
@@ -135,10 +155,14 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def bucket_for_size(
-    width: int, height: int, resolution: int, buckets: list[tuple[int, int]] | None = None
+    width: int,
+    height: int,
+    resolution: int,
+    buckets: list[tuple[int, int]] | None = None,
+    multiple: int = SD3_SIZE_MULTIPLE,
 ) -> tuple[int, int]:
     """Output (height, width) for an image of this size: the nearest bucket, or the square with buckets off."""
     if buckets is None:
-        check_size(resolution, resolution)
+        check_size(resolution, resolution, multiple)
         return resolution, resolution
     return nearest_bucket(width, height, buckets)

@@ -1,4 +1,4 @@
-"""The image stream's rectified flow (SPEC section 3).
+"""The image stream's rectified flow (docs/METHOD.md section 3).
 
 Rectified flow as trained in Stable Diffusion 3 (Esser et al. 2024, "Scaling Rectified Flow
 Transformers for High-Resolution Image Synthesis"): x_t = (1 - sigma) x_0 + sigma * eps, the network

@@ -43,6 +43,8 @@ class VLMJudge:
         on the CPU when there are none."""
         from transformers import AutoModelForImageTextToText
 
+        from unialignment.frozen.components import DTYPES
+
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise JudgeError(f"{folder} is not a model folder (no config.json); give --judge a local chat VLM folder")
@@ -53,7 +55,7 @@ class VLMJudge:
             if not chat_template:
                 raise JudgeError(f"{folder} has no chat template (chat_template.jinja or .json): is it a chat model?")
         if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
+            dtype = DTYPES[dtype]
         device_map = "auto" if device is None and torch.cuda.is_available() else None
         model = AutoModelForImageTextToText.from_pretrained(
             folder, dtype=dtype, device_map=device_map, local_files_only=True

@@ -3,7 +3,7 @@
 REPA-style representation alignment (Yu et al. 2024, "Representation Alignment for Generation:
 Training Diffusion Transformers Is Easier Than You Think"): the alignment heads of both streams are
 pulled toward a frozen encoder's representation of the same sample. UniAlignment's teacher is
-Qwen2.5-VL (Bai et al. 2025, "Qwen2.5-VL Technical Report"); SPEC sections 2 and 5.
+Qwen2.5-VL (Bai et al. 2025, "Qwen2.5-VL Technical Report"); docs/METHOD.md sections 2 and 5.
 
 Any frozen image-text encoder plugs in by subclassing `AlignmentTeacher`: it only has to turn a batch
 of images and a batch of captions into one float32 vector of width `dim` each.
@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2_5_VLModel,
 )
+
+from unialignment.frozen.random_weights import build_with_random_weights
 
 # Checkpoint weights the teacher drops on purpose: the LLM's decoder layers and its LM head.
 _DROPPED_WEIGHTS = re.compile(r"(^|\.)layers\.\d+\.|^lm_head\.")
@@ -59,7 +61,7 @@ class AlignmentTeacher(torch.nn.Module, abc.ABC):
 
 
 class QwenVLTeacher(AlignmentTeacher):
-    """Qwen2.5-VL as the teacher (SPEC section 2).
+    """Qwen2.5-VL as the teacher (docs/METHOD.md section 2).
 
     Image target: mean over the image's tokens of `get_image_features` (the vision tower's merged
     tokens, already projected to the LLM width). Text target: mean of the LLM's input embeddings of the
@@ -99,11 +101,13 @@ class QwenVLTeacher(AlignmentTeacher):
         average_padding: bool = True,
         max_text_length: int = 256,
         image_size: int | None = None,
+        random_weights: bool = False,
     ) -> QwenVLTeacher:
         """Load from a local Qwen2.5-VL folder (config, weights, tokenizer, preprocessor config).
 
         `image_size`, if given, resizes every image to image_size x image_size before the Qwen
         processor, so each image costs the same number of vision tokens whatever its resolution.
+        `random_weights`: the folder holds no weights; they are drawn at random on `device` (benchmarks).
         """
         path = Path(path)
         if not path.is_dir():
@@ -119,22 +123,11 @@ class QwenVLTeacher(AlignmentTeacher):
         # replaced by a check that nothing else is unexpected and nothing is missing.
         config.text_config.num_hidden_layers = 0
         config.text_config.layer_types = []
-        report_logger = logging.getLogger("transformers.modeling_utils")
-        report_logger.addFilter(_drop_load_report)
-        try:
-            model, loading = Qwen2_5_VLModel.from_pretrained(
-                path, config=config, dtype=torch_dtype, local_files_only=True, output_loading_info=True
-            )
-        finally:
-            report_logger.removeFilter(_drop_load_report)
-        missing = sorted(loading["missing_keys"])
-        unexpected = sorted(key for key in loading["unexpected_keys"] if not _DROPPED_WEIGHTS.search(key))
-        mismatched = sorted(str(entry) for entry in loading.get("mismatched_keys", []))
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f"Alignment teacher {path} does not match its config.json: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, mismatched {mismatched[:5]} (first five of each; is it a Qwen2.5-VL checkpoint?)"
-            )
+        if random_weights:
+            build = lambda: Qwen2_5_VLModel._from_config(config)  # noqa: E731
+            model = build_with_random_weights(build, device, torch_dtype, seed=2)
+        else:
+            model = _load_checked(path, config, torch_dtype)
         # Not AutoProcessor: in transformers 5 the Qwen2.5-VL processor also builds a video processor,
         # which needs torchvision; the teacher uses only the tokenizer and the image processor.
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -172,6 +165,28 @@ class QwenVLTeacher(AlignmentTeacher):
             return_tensors="pt",
         )
         return mean_text_embeddings(self.model, tokens["input_ids"], tokens["attention_mask"], self.average_padding)
+
+
+def _load_checked(path: Path, config, torch_dtype: torch.dtype) -> Qwen2_5_VLModel:
+    """The checkpoint's weights for `config`: the decoder layers and LM head it drops are skipped quietly; anything
+    else missing, unexpected or mismatched is an error naming the folder."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(_drop_load_report)
+    try:
+        model, loading = Qwen2_5_VLModel.from_pretrained(
+            path, config=config, dtype=torch_dtype, local_files_only=True, output_loading_info=True
+        )
+    finally:
+        report_logger.removeFilter(_drop_load_report)
+    missing = sorted(loading["missing_keys"])
+    unexpected = sorted(key for key in loading["unexpected_keys"] if not _DROPPED_WEIGHTS.search(key))
+    mismatched = sorted(str(entry) for entry in loading.get("mismatched_keys", []))
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"Alignment teacher {path} does not match its config.json: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, mismatched {mismatched[:5]} (first five of each; is it a Qwen2.5-VL checkpoint?)"
+        )
+    return model
 
 
 # The two targets as functions of a Qwen2.5-VL model, so that a teacher can also be trained through exactly what

@@ -1,4 +1,4 @@
-"""The frozen VAE: images <-> the latents both streams see (SPEC section 2).
+"""The frozen VAE: images <-> the latents both streams see (docs/METHOD.md section 2).
 
 Stable Diffusion 3's 16-channel AutoencoderKL (Esser et al. 2024). The transformer works on
 latent = (z - shift_factor) * scaling_factor; both constants are read from `vae.config`, never
@@ -15,6 +15,23 @@ from diffusers import AutoencoderKL
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from unialignment.frozen.random_weights import build_with_random_weights
+
+
+def downsample_factor(vae_config) -> int:
+    """Spatial downsampling of an AutoencoderKL: 8 for SD3's four-level encoder."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def scale_latents(raw_latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """z -> (z - shift) * scale: the latents the transformer sees. SD1/2-style VAEs have no shift; SD3's is 0.0609."""
+    return (raw_latents - float(vae_config.shift_factor or 0.0)) * float(vae_config.scaling_factor)
+
+
+def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The inverse of `scale_latents`: what the VAE decoder takes."""
+    return latents / float(vae_config.scaling_factor) + float(vae_config.shift_factor or 0.0)
+
 
 # A plain class, not an nn.Module, for the same reason as FrozenT5: a frozen component must stay out of
 # the trainer's parameters, state dict and distributed wrapper.
@@ -23,18 +40,26 @@ class FrozenVAE:
 
     def __init__(self, vae: AutoencoderKL):
         self.vae = vae.eval().requires_grad_(False)
+        self.downsample_factor = downsample_factor(vae.config)
         self.scaling_factor = float(vae.config.scaling_factor)
-        # SD1/2-style VAEs have no shift; SD3's is 0.0609.
         self.shift_factor = float(vae.config.shift_factor or 0.0)
-        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        random_weights: bool = False,
     ) -> FrozenVAE:
+        """`random_weights`: the folder holds only config.json; the weights are drawn at random on `device`."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"VAE folder not found or without config.json: {path}")
+        if random_weights:
+            config = AutoencoderKL.load_config(path)
+            build = lambda: AutoencoderKL.from_config(config)  # noqa: E731
+            return cls(build_with_random_weights(build, device, torch_dtype, seed=1, cast_buffers=True))
         return cls(AutoencoderKL.from_pretrained(path, torch_dtype=torch_dtype).to(device))
 
     @property
@@ -61,10 +86,10 @@ class FrozenVAE:
 
     def scale(self, raw_latents: torch.Tensor) -> torch.Tensor:
         """z -> (z - shift) * scale: the latents the transformer sees."""
-        return (raw_latents - self.shift_factor) * self.scaling_factor
+        return scale_latents(raw_latents, self.vae.config)
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.scaling_factor + self.shift_factor
+        return unscale_latents(latents, self.vae.config)
 
     def sample_latents(
         self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None

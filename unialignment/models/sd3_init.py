@@ -1,4 +1,4 @@
-"""Initialising the UniAlignment transformer from Stable Diffusion 3 (stage 1, SPEC section 1).
+"""Initialising the UniAlignment transformer from Stable Diffusion 3 (stage 1, docs/METHOD.md section 1).
 
 SD3 tensors that exist in the UniAlignment transformer with the same shape are copied; SD3's
 `norm_out` / `proj_out` become the image head; the pooled-text projection is dropped; the last block's

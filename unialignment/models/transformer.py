@@ -6,7 +6,7 @@ both outputs, as in Dual Diffusion (Li et al. 2024, D-DiT) and UniAlignment (Son
 arXiv:2509.23760): image tokens (VAE latents, trained with rectified flow) and text tokens (T5
 encodings, trained with masked discrete diffusion) meet in joint attention in every block.
 
-Changes to SD3 (SPEC section 1):
+Changes to SD3 (docs/METHOD.md section 1):
 1. the last block keeps its text branch, so text tokens come out of the network;
 2. the conditioning vector is the timestep embedding only (no pooled-CLIP projection);
 3. the image head is SD3's (AdaLayerNormContinuous + linear + unpatchify), predicting velocity;
@@ -267,19 +267,10 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
 
         timestep = torch.as_tensor(timestep, device=encoder_hidden_states.device)
         temb = self.time_text_embed(timestep.expand(batch_size))
-
-        if hidden_states is None:
-            image_tokens = self.null_image_embd.expand(batch_size, -1, -1).to(encoder_hidden_states.dtype)
-        else:
-            if hidden_states.shape[0] != batch_size:
-                raise ValueError(f"hidden_states has batch {hidden_states.shape[0]}, text states {batch_size}.")
-            image_tokens = self._embed_image(hidden_states, "hidden_states")
-        num_target_tokens = image_tokens.shape[1]
-        if condition_latents:
-            condition_tokens = [
-                self._embed_image(latents, f"condition_latents[{i}]") for i, latents in enumerate(condition_latents)
-            ]
-            image_tokens = torch.cat([image_tokens, *condition_tokens], dim=1)
+        image_tokens = self._image_tokens(hidden_states, condition_latents, batch_size, encoder_hidden_states.dtype)
+        num_target_tokens = image_tokens.shape[1] - sum(
+            self._num_tokens(latents) for latents in condition_latents or []
+        )
         text_tokens = self.context_embedder(encoder_hidden_states)
         if self.config.text_position_embedding:
             text_tokens = text_tokens + self._text_positions(text_tokens.shape[1], text_tokens)
@@ -303,22 +294,62 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
                 outputs["image_alignment"] = self.siglip_adapter_img(image_tokens[:, :num_target_tokens])
                 outputs["text_alignment"] = self.siglip_adapter_text(text_tokens)
 
-        if return_velocity or return_hidden_states:
-            target_states = self.image_norm_out(image_tokens[:, :num_target_tokens], temb)
-            if return_hidden_states:
-                outputs["image_hidden_states"] = target_states
-            if return_velocity:
-                height, width = hidden_states.shape[-2:]
-                outputs["velocity"] = self._unpatchify(self.image_proj_out(target_states), height, width)
-        if return_text_logits or return_hidden_states:
-            text_states = self.text_norm_out(text_tokens)
-            if return_hidden_states:
-                outputs["text_hidden_states"] = text_states
-            if return_text_logits:
-                outputs["text_logits"] = self.text_proj_out(text_states)
-
+        target_size = None if hidden_states is None else hidden_states.shape[-2:]
+        flags = dict(velocity=return_velocity, text_logits=return_text_logits, hidden_states=return_hidden_states)
+        outputs.update(self._heads(image_tokens[:, :num_target_tokens], text_tokens, temb, target_size, **flags))
         output = UniAlignmentTransformerOutput(**outputs)
         return output if return_dict else output.to_tuple()
+
+    def _num_tokens(self, latents: torch.Tensor) -> int:
+        return latents.shape[-2] * latents.shape[-1] // self.config.patch_size**2
+
+    def _image_tokens(
+        self,
+        hidden_states: torch.Tensor | None,
+        condition_latents: list[torch.Tensor] | None,
+        batch_size: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The image stream: the target's tokens (or the null image's), then every condition image's."""
+        if hidden_states is None:
+            image_tokens = self.null_image_embd.expand(batch_size, -1, -1).to(dtype)
+        else:
+            if hidden_states.shape[0] != batch_size:
+                raise ValueError(f"hidden_states has batch {hidden_states.shape[0]}, text states {batch_size}.")
+            image_tokens = self._embed_image(hidden_states, "hidden_states")
+        if not condition_latents:
+            return image_tokens
+        condition_tokens = [
+            self._embed_image(latents, f"condition_latents[{i}]") for i, latents in enumerate(condition_latents)
+        ]
+        return torch.cat([image_tokens, *condition_tokens], dim=1)
+
+    def _heads(
+        self,
+        target_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        temb: torch.Tensor,
+        target_size: tuple[int, int] | None,
+        velocity: bool,
+        text_logits: bool,
+        hidden_states: bool,
+    ) -> dict[str, torch.Tensor]:
+        """The asked-for outputs of the last states: velocity (image head), text logits (text head), and the
+        states after each head's norm."""
+        outputs = {}
+        if velocity or hidden_states:
+            target_states = self.image_norm_out(target_tokens, temb)
+            if hidden_states:
+                outputs["image_hidden_states"] = target_states
+            if velocity:
+                outputs["velocity"] = self._unpatchify(self.image_proj_out(target_states), *target_size)
+        if text_logits or hidden_states:
+            text_states = self.text_norm_out(text_tokens)
+            if hidden_states:
+                outputs["text_hidden_states"] = text_states
+            if text_logits:
+                outputs["text_logits"] = self.text_proj_out(text_states)
+        return outputs
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -1,9 +1,9 @@
 """UniAlignmentPipeline: one MMDiT for text-to-image, editing and perception, composition, captioning and VQA.
 
 UniAlignment (Song et al. 2025, arXiv:2509.23760) samples images with the image stream (rectified flow, Euler over
-the scheduler's sigmas, classifier-free guidance; SPEC section 3) and texts with the text stream (MDLM ancestral
-sampling with the SUBS parameterisation and the no-change cache; SPEC section 4). Each task is its own method;
-`__call__` is text-to-image, as in every diffusers text-to-image pipeline.
+the scheduler's sigmas, classifier-free guidance; docs/METHOD.md section 3) and texts with the text stream (MDLM
+ancestral sampling with the SUBS parameterisation and the no-change cache; docs/METHOD.md section 4). Each task is
+its own method; `__call__` is text-to-image, as in every diffusers text-to-image pipeline.
 
 Everything is derived from the five registered components: the latent scaling from `vae.config`, the VAE
 downsampling from `vae.config.block_out_channels`, the mask token from the tokenizer, the sigmas from the
@@ -24,12 +24,17 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
-from unialignment.data.tokenization import tokenize_captions
-from unialignment.data.transforms import resize_and_center_crop, to_pixels
+from unialignment.data.transforms import resize_and_center_crop, size_multiple, to_pixels
 from unialignment.diffusion.flow_matching import sample_rectified_flow
-from unialignment.diffusion.masked_diffusion import initial_ids_from_prompt, sample_masked_diffusion
-from unialignment.frozen.text_encoder import MAX_TEXT_LENGTH, FrozenT5, load_mask_embedding, load_t5_tokenizer
-from unialignment.frozen.vae import pixels_to_pil
+from unialignment.diffusion.masked_diffusion_sampler import initial_ids_from_prompt, sample_masked_diffusion
+from unialignment.frozen.text_encoder import (
+    FrozenT5,
+    apply_mask_embedding,
+    load_t5_tokenizer,
+    text_length_of,
+    tokenize_captions,
+)
+from unialignment.frozen.vae import downsample_factor, pixels_to_pil, scale_latents, unscale_latents
 from unialignment.models import UniAlignmentTransformer
 
 logger = logging.get_logger(__name__)
@@ -86,18 +91,17 @@ class UniAlignmentPipeline(DiffusionPipeline):
     @property
     def vae_scale_factor(self) -> int:
         """Spatial downsampling of the VAE: 8 for SD3's four-level encoder."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsample_factor(self.vae.config)
 
     @property
     def size_multiple(self) -> int:
         """Heights and widths must be multiples of this: VAE downsampling x transformer patch size (16 for SD3)."""
-        return self.vae_scale_factor * self.transformer.config.patch_size
+        return size_multiple(self.vae_scale_factor, self.transformer.config.patch_size)
 
     @property
     def text_max_length(self) -> int:
-        """Prompt length in T5 tokens: 256 as in SD3 and in training, or `tokenizer.model_max_length` when that is
-        shorter (SD3's tokenizer says 512, tokenizers without a limit say ~1e30, so the 256 cap decides for both)."""
-        return min(MAX_TEXT_LENGTH, self.tokenizer.model_max_length)
+        """Prompt length in T5 tokens, as the tokenizer records it (`text_length_of`): the run's text length."""
+        return text_length_of(self.tokenizer)
 
     def _frozen_t5(self) -> FrozenT5:
         # The training code's view of the tokenizer and encoder, so prompts are tokenized as in training and texts
@@ -162,22 +166,29 @@ class UniAlignmentPipeline(DiffusionPipeline):
         path = Path(pretrained_model_name_or_path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a local pipeline folder: it has no model_index.json.")
+        if mask_embedding == "auto":
+            mask_embedding = path / MASK_EMBEDDING_FILE if (path / MASK_EMBEDDING_FILE).is_file() else None
         if kwargs.get("transformer") is None:
             kwargs["transformer"] = UniAlignmentTransformer.from_pretrained(
                 path / "transformer", torch_dtype=torch_dtype
             )
-        if kwargs.get("tokenizer") is None:
-            kwargs["tokenizer"] = load_t5_tokenizer(path / "tokenizer")
-        pipeline = super().from_pretrained(path, dtype=torch_dtype, **kwargs)
-
-        if mask_embedding == "auto":
-            mask_embedding = path / MASK_EMBEDDING_FILE if (path / MASK_EMBEDDING_FILE).is_file() else None
-        if mask_embedding is not None:
-            embedding_weight = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, d_model)
-            mask_vector = load_mask_embedding(mask_embedding, embedding_weight.shape[1])
-            with torch.no_grad():
-                embedding_weight[pipeline._frozen_t5().mask_token_id] = mask_vector.to(embedding_weight)
-        return pipeline
+        if kwargs.get("text_encoder") is None:
+            # The training code's loader: pad = EOS, the text length the folder's tokenizer records, the mask row.
+            t5 = FrozenT5.from_pretrained(
+                path / "tokenizer",
+                path / "text_encoder",
+                torch_dtype or torch.float32,
+                mask_embedding_path=mask_embedding,
+                max_length=None,
+            )
+            kwargs["text_encoder"] = t5.encoder
+            kwargs["tokenizer"] = kwargs.get("tokenizer") or t5.tokenizer
+        else:
+            if kwargs.get("tokenizer") is None:
+                kwargs["tokenizer"] = load_t5_tokenizer(path / "tokenizer")
+            if mask_embedding is not None:
+                apply_mask_embedding(kwargs["text_encoder"], kwargs["tokenizer"], mask_embedding)
+        return super().from_pretrained(path, dtype=torch_dtype, **kwargs)
 
     # --- image tasks ------------------------------------------------------------------------------------------------
 
@@ -318,12 +329,11 @@ class UniAlignmentPipeline(DiffusionPipeline):
         # 3. encode condition images: clean latents, the same in both guidance halves
         condition_latents = None
         if condition_images is not None:
-            condition_latents = self._encode_compositions(condition_images, height, width, device, dtype)
+            latents = self._encode_compositions(condition_images, height, width, device, dtype)
+            halves = 2 if use_guidance else 1
             condition_latents = [
-                latents.repeat_interleave(num_images_per_prompt, dim=0) for latents in condition_latents
+                x.repeat_interleave(num_images_per_prompt, dim=0).repeat(halves, 1, 1, 1) for x in latents
             ]
-            if use_guidance:
-                condition_latents = [torch.cat([latents, latents]) for latents in condition_latents]
 
         # 4. prepare the initial noise; float32 so the Euler steps accumulate in full precision in any model dtype
         latent_shape = (
@@ -487,8 +497,7 @@ class UniAlignmentPipeline(DiffusionPipeline):
         """
         pixels = torch.stack([to_pixels(resize_and_center_crop(image, height, width)) for image in images])
         raw_latents = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist.mean
-        shift_factor = self.vae.config.shift_factor or 0.0  # SD1/2-style VAEs have none
-        return ((raw_latents - shift_factor) * self.vae.config.scaling_factor).to(dtype)
+        return scale_latents(raw_latents, self.vae.config).to(dtype)
 
     def _encode_compositions(
         self,
@@ -505,8 +514,7 @@ class UniAlignmentPipeline(DiffusionPipeline):
         return list(latents.unflatten(0, (len(compositions), num_sources)).unbind(dim=1))
 
     def _decode_latents(self, latents: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray:
-        shift_factor = self.vae.config.shift_factor or 0.0
-        raw_latents = latents / self.vae.config.scaling_factor + shift_factor
+        raw_latents = unscale_latents(latents, self.vae.config)
         pixels = self.vae.decode(raw_latents.to(self.vae.dtype)).sample.clamp(-1.0, 1.0)  # (N, 3, H, W)
         if output_type == "pil":
             return pixels_to_pil(pixels)

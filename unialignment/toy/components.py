@@ -12,9 +12,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import AutoTokenizer
 
-from unialignment.frozen.teacher import QwenVLTeacher
-from unialignment.frozen.text_encoder import FrozenT5, load_t5_tokenizer
-from unialignment.frozen.vae import FrozenVAE
+from unialignment.frozen.components import ComponentsConfig, FrozenComponents, load_frozen_components
+from unialignment.frozen.text_encoder import load_t5_tokenizer
 from unialignment.toy.folder import SPLITS, images_of, read_split, texts_of
 from unialignment.toy.t5 import T5PretrainingReport, make_tiny_t5, pretrain_tiny_t5
 from unialignment.toy.teacher import TeacherPretrainingReport, make_tiny_teacher, pretrain_tiny_teacher
@@ -42,19 +41,21 @@ def make_tiny_components(folder: Path) -> TinyComponentFolders:
     return folders
 
 
-@dataclass
-class TinyComponents:
-    t5: FrozenT5
-    vae: FrozenVAE
-    teacher: QwenVLTeacher
-
-
-def load_tiny_components(folders: TinyComponentFolders, max_text_length: int = 32) -> TinyComponents:
-    return TinyComponents(
-        t5=FrozenT5.from_pretrained(folders.tokenizer, folders.text_encoder, max_length=max_text_length),
-        vae=FrozenVAE.from_pretrained(folders.vae),
-        teacher=QwenVLTeacher.from_pretrained(folders.teacher, torch_dtype=torch.float32),
+def tiny_components_config(folders: TinyComponentFolders, max_text_length: int = 32) -> ComponentsConfig:
+    """The components settings of the tiny folders, in float32."""
+    return ComponentsConfig(
+        tokenizer=str(folders.tokenizer),
+        text_encoder=str(folders.text_encoder),
+        vae=str(folders.vae),
+        teacher=str(folders.teacher),
+        text_length=max_text_length,
+        dtype="float32",
     )
+
+
+def load_tiny_components(folders: TinyComponentFolders, max_text_length: int = 32) -> FrozenComponents:
+    """The tiny components through the loader every full-size run uses."""
+    return load_frozen_components(tiny_components_config(folders, max_text_length))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A small dataset folder in the formats of SPEC section 7, as the built-in demo reads it.
+"""A small dataset folder in the formats of docs/METHOD.md section 7, as the built-in demo reads it.
 
     DIR/train/<task>.jsonl      what the three stages train on
     DIR/heldout/<task>.jsonl    what the demo generates, edits, captions and answers after training

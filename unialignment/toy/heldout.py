@@ -2,9 +2,9 @@
 
 `write_jobs` turns every held-out record into an `inference.py --jobs` line (text-to-image prompts as one batched
 job; one job per edit, perception map, composition, caption and question), each writing to a known file under the
-outputs folder. That works for any dataset folder in the SPEC formats. `score_outputs` then reads the outputs back
-with `unialignment.toy.checker` against what the held-out records say, which only makes sense for the shapes
-world: `checks_world` says whether a folder's texts speak its language.
+outputs folder. That works for any dataset folder in the formats of docs/METHOD.md section 7. `score_outputs` then
+reads the outputs back with `unialignment.toy.checker` against what the held-out records say, which only makes
+sense for the shapes world: `checks_world` says whether a folder's texts speak its language.
 """
 
 from __future__ import annotations

@@ -169,53 +169,7 @@ def pretrain_tiny_teacher(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     image_processor = AutoImageProcessor.from_pretrained(folder)
     teacher = model.model
-
-    # Every distinct image is preprocessed once; the processor's patches are concatenated over a batch.
-    distinct_images = sorted(set(map(str, images)))
-    image_index = {path: i for i, path in enumerate(distinct_images)}
-    patches, grids = [], []
-    for path in distinct_images:
-        with Image.open(path) as image:
-            processed = image_processor(images=[image.convert("RGB")], return_tensors="pt")
-        patches.append(processed["pixel_values"])
-        grids.append(processed["image_grid_thw"])
-    distinct_captions = sorted(set(captions))
-    caption_index = {caption: i for i, caption in enumerate(distinct_captions)}
-    tokens = tokenizer(
-        distinct_captions,
-        padding="max_length" if average_padding else "longest",
-        max_length=text_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    pairs = torch.tensor([(image_index[str(i)], caption_index[c]) for i, c in zip(images, captions, strict=True)])
-
-    def targets(pair_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image_rows, caption_rows = pair_rows[:, 0].tolist(), pair_rows[:, 1]
-        image_features = mean_image_tokens(
-            teacher, torch.cat([patches[i] for i in image_rows]), torch.cat([grids[i] for i in image_rows])
-        )
-        text_features = mean_text_embeddings(
-            teacher, tokens["input_ids"][caption_rows], tokens["attention_mask"][caption_rows], average_padding
-        )
-        return image_features, text_features
-
-    @torch.no_grad()
-    def retrieval() -> float:
-        """Top-1 image -> caption accuracy over one image per distinct caption (ties in captions are one class)."""
-        first_pair = {}
-        for row in pairs.tolist():
-            first_pair.setdefault(row[1], row)
-        rows = torch.tensor(list(first_pair.values()))
-        every_caption = mean_text_embeddings(teacher, tokens["input_ids"], tokens["attention_mask"], average_padding)
-        every_caption = F.normalize(every_caption, dim=-1)
-        correct = 0
-        for start in range(0, len(rows), 256):
-            chunk = rows[start : start + 256]
-            image_features = targets(chunk)[0]
-            best = (F.normalize(image_features, dim=-1) @ every_caption.T).argmax(-1)
-            correct += int((best == chunk[:, 1]).sum())
-        return correct / len(rows)
+    data = _ImageCaptionPairs(images, captions, image_processor, tokenizer, text_length, average_padding)
 
     teacher.requires_grad_(False)
     trained = [*teacher.visual.parameters(), teacher.get_input_embeddings().weight]
@@ -223,12 +177,13 @@ def pretrain_tiny_teacher(
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    before = retrieval()
+    before = data.retrieval(teacher)
     teacher.train()
     losses = []
+    pairs = data.pairs
     for _ in tqdm(range(steps), desc="teacher image-caption", leave=False):
         batch = pairs[torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=generator)]
-        image_features, text_features = targets(batch)
+        image_features, text_features = data.targets(teacher, batch)
         same_caption = (batch[:, 1, None] == batch[None, :, 1]).float()
         positives = same_caption / same_caption.sum(-1, keepdim=True)
         loss = contrastive_loss(image_features, text_features, temperature, positives=positives)
@@ -237,7 +192,67 @@ def pretrain_tiny_teacher(
         optimizer.step()
         losses.append(loss.item())
     teacher.eval().requires_grad_(False)
-    after = retrieval()
+    after = data.retrieval(teacher)
     model.save_pretrained(folder)
     tail = losses[-max(1, steps // 10) :]
     return TeacherPretrainingReport(steps, losses[0], sum(tail) / len(tail), before, after)
+
+
+class _ImageCaptionPairs:
+    """A dataset's (image, caption) pairs for the teacher: every distinct image preprocessed once (the processor's
+    patches are concatenated over a batch), every distinct caption tokenized once with the run's padding rule."""
+
+    def __init__(self, images, captions, image_processor, tokenizer, text_length: int, average_padding: bool):
+        distinct_images = sorted(set(map(str, images)))
+        image_index = {path: i for i, path in enumerate(distinct_images)}
+        self.patches, self.grids = [], []
+        for path in distinct_images:
+            with Image.open(path) as image:
+                processed = image_processor(images=[image.convert("RGB")], return_tensors="pt")
+            self.patches.append(processed["pixel_values"])
+            self.grids.append(processed["image_grid_thw"])
+        distinct_captions = sorted(set(captions))
+        caption_index = {caption: i for i, caption in enumerate(distinct_captions)}
+        self.tokens = tokenizer(
+            distinct_captions,
+            padding="max_length" if average_padding else "longest",
+            max_length=text_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        self.average_padding = average_padding
+        pairs = [(image_index[str(i)], caption_index[c]) for i, c in zip(images, captions, strict=True)]
+        self.pairs = torch.tensor(pairs)  # (N, 2): image row, caption row
+
+    def targets(self, teacher, pair_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two alignment targets of the pairs `pair_rows`, exactly as the teacher computes them in training."""
+        image_rows, caption_rows = pair_rows[:, 0].tolist(), pair_rows[:, 1]
+        image_features = mean_image_tokens(
+            teacher, torch.cat([self.patches[i] for i in image_rows]), torch.cat([self.grids[i] for i in image_rows])
+        )
+        text_features = mean_text_embeddings(
+            teacher,
+            self.tokens["input_ids"][caption_rows],
+            self.tokens["attention_mask"][caption_rows],
+            self.average_padding,
+        )
+        return image_features, text_features
+
+    @torch.no_grad()
+    def retrieval(self, teacher) -> float:
+        """Top-1 image -> caption accuracy over one image per distinct caption (ties in captions are one class)."""
+        first_pair = {}
+        for row in self.pairs.tolist():
+            first_pair.setdefault(row[1], row)
+        rows = torch.tensor(list(first_pair.values()))
+        every_caption = mean_text_embeddings(
+            teacher, self.tokens["input_ids"], self.tokens["attention_mask"], self.average_padding
+        )
+        every_caption = F.normalize(every_caption, dim=-1)
+        correct = 0
+        for start in range(0, len(rows), 256):
+            chunk = rows[start : start + 256]
+            image_features = self.targets(teacher, chunk)[0]
+            best = (F.normalize(image_features, dim=-1) @ every_caption.T).argmax(-1)
+            correct += int((best == chunk[:, 1]).sum())
+        return correct / len(rows)

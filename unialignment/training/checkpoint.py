@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import save_torch_state_dict
+
+from unialignment.files import atomic_path
 
 LATEST = "latest"
 
@@ -57,10 +60,8 @@ def resolve_resume(resume_from: str | None, work_dir: str | Path) -> Path | None
 
 def write_latest(work_dir: str | Path, tag: str) -> None:
     """Point `latest` at `tag` atomically (write a temporary file, then rename over the old pointer)."""
-    root = checkpoint_root(work_dir)
-    temporary = root / f".{LATEST}.tmp"
-    temporary.write_text(tag)
-    os.replace(temporary, root / LATEST)
+    with atomic_path(checkpoint_root(work_dir) / LATEST) as temporary:
+        temporary.write_text(tag)
 
 
 def prune_checkpoints(work_dir: str | Path, keep_last: int) -> list[Path]:
@@ -120,3 +121,30 @@ def point_export(work_dir: str | Path, tag: str) -> None:
             temporary.unlink()
         temporary.symlink_to(Path(tag) / kind, target_is_directory=True)
         os.replace(temporary, export_root / kind)
+
+
+def export_weights(
+    work_dir: str | Path, tag: str, module, raw: dict | None, ema: dict | None, lora: bool
+) -> list[Path]:
+    """Write `export/<tag>/raw` and `export/<tag>/ema` as transformer folders (`module`'s config and the weights;
+    LoRA runs: the adapter weights alone, in diffusers' LoRA file layout), then point `export/{raw,ema}` at them.
+    `ema` holds the averaged parameters only; buffers (the position table) come from `raw`."""
+    folder = Path(work_dir) / "export" / tag
+    written = []
+    for kind, state in (("raw", raw), ("ema", ema)):
+        if state is None:
+            continue
+        if kind == "ema":
+            state = {**{k: v for k, v in raw.items() if k not in state and not lora}, **state}
+        if lora:  # diffusers' LoRA file layout: adapter tensors only, "transformer."-prefixed, no adapter name
+            state = {f"transformer.{n.replace('.default', '')}": t for n, t in state.items() if "lora_" in n}
+        target = folder / kind
+        target.mkdir(parents=True, exist_ok=True)
+        module.save_config(target)
+        pattern = "pytorch_lora_weights{suffix}.safetensors" if lora else "diffusion_pytorch_model{suffix}.safetensors"
+        # clone: DeepSpeed keeps parameters as views of one flat buffer, which safetensors refuses to save
+        tensors = {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
+        save_torch_state_dict(tensors, target, filename_pattern=pattern)
+        written.append(target)
+    point_export(work_dir, tag)
+    return written

@@ -3,7 +3,7 @@
 Configs are mmengine Python files (`configs/_base_/*` and one short file per stage); `load_config` merges them,
 applies command-line overrides (`--key value`, dotted keys) and turns the result into these dataclasses. An
 unknown key or a value of the wrong type is an error that names it, so a typo never silently falls back to a
-default. The defaults are the reference settings (SPEC section 6).
+default. The defaults are the reference settings (docs/METHOD.md section 6).
 """
 
 from __future__ import annotations
@@ -18,35 +18,12 @@ from typing import Any, Literal
 
 from mmengine.config import Config
 
+from unialignment.frozen.components import ComponentsConfig
 from unialignment.training.objective import ObjectiveConfig
 
 
 class ConfigError(ValueError):
     """A config key that is unknown, missing or of the wrong type; the message names it."""
-
-
-@dataclass
-class ComponentsConfig:
-    """Local folders of the frozen components. `sd3` is a diffusers SD3 pipeline folder: its `tokenizer_3`,
-    `text_encoder_3` and `vae` are used unless a folder is named explicitly."""
-
-    sd3: str | None = None
-    tokenizer: str | None = None
-    text_encoder: str | None = None
-    vae: str | None = None
-    teacher: str | None = None  # Qwen2.5-VL folder; None trains without representation alignment
-    mask_embedding: str | None = None  # the authors' learned mask-token embedding (mask_token_emb.00-of-01.pth)
-    text_length: int = 256
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    teacher_average_padding: bool = True  # the reference averages padding positions of the caption too
-
-    def folder(self, name: str, sd3_subfolder: str) -> str:
-        explicit = getattr(self, name)
-        if explicit is not None:
-            return explicit
-        if self.sd3 is None:
-            raise ConfigError(f"components.{name}: set it, or set components.sd3 to an SD3 pipeline folder")
-        return str(Path(self.sd3) / sd3_subfolder)
 
 
 @dataclass
@@ -242,6 +219,28 @@ def parse_override(text: str) -> Any:
         return float(text)  # "nan", "inf": not Python literals, but floats
     except ValueError:
         return text
+
+
+def parse_overrides(arguments: list[str]) -> dict:
+    """`--key value` or `--key=value` pairs (dotted keys) as a dict of parsed values (`parse_override`)."""
+    overrides, position = {}, 0
+    while position < len(arguments):
+        argument = arguments[position]
+        if argument.startswith("--local_rank") or argument.startswith("--local-rank"):
+            position += 1 if "=" in argument else 2  # set by the deepspeed launcher; LOCAL_RANK says the same
+            continue
+        if not argument.startswith("--"):
+            raise ConfigError(f"expected --key value, got {argument!r}")
+        if "=" in argument:
+            key, value = argument[2:].split("=", 1)
+            position += 1
+        else:
+            if position + 1 >= len(arguments):
+                raise ConfigError(f"{argument} has no value")
+            key, value = argument[2:], arguments[position + 1]
+            position += 2
+        overrides[key.replace("-", "_")] = parse_override(value)
+    return overrides
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""One UniAlignment training micro-step as a loss: both streams and both alignments (SPEC section 5).
+"""One UniAlignment training micro-step as a loss: both streams and both alignments (docs/METHOD.md section 5).
 
 Dual-stream training as in UniAlignment (Song et al. 2025, arXiv:2509.23760), built on D-DiT's dual
 diffusion (Li et al. 2024): the image-stream pass denoises the target latent under rectified flow given
@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from unialignment.alignment.contrastive import contrastive_loss, pool_tokens
 from unialignment.alignment.representation import cosine_alignment_loss
+from unialignment.data.features import TrainingBatch
 from unialignment.diffusion.flow_matching import add_noise, drop_condition, flow_matching_loss, sample_timesteps
 from unialignment.diffusion.masked_diffusion import (
     LogLinearSchedule,
@@ -26,7 +27,7 @@ from unialignment.diffusion.masked_diffusion import (
     sample_antithetic_times,
     subs_log_probs,
 )
-from unialignment.models.transformer import UniAlignmentTransformer
+from unialignment.models.transformer import UniAlignmentTransformer, UniAlignmentTransformerOutput
 
 
 @dataclass
@@ -42,7 +43,7 @@ class LossWeights:
 
 @dataclass
 class ObjectiveConfig:
-    """Every constant of the micro-step; the defaults are the reference settings (SPEC sections 3-5)."""
+    """Every constant of the micro-step; the defaults are the reference settings (docs/METHOD.md sections 3-5)."""
 
     weights: LossWeights = field(default_factory=LossWeights)
     weighting_scheme: str = "logit_normal"
@@ -59,35 +60,6 @@ class ObjectiveConfig:
     def __post_init__(self):
         if isinstance(self.weights, dict):
             self.weights = LossWeights(**self.weights)
-
-
-@dataclass
-class TrainingBatch:
-    """One micro-batch of one task, already encoded by the frozen components.
-
-    target_latents: (B, C, H, W) clean VAE latents of the image to generate (t2i image, edit target).
-    prompt_embeds: (B, L, D_t5) T5 states of the image stream's condition (t2i prompt, edit instruction).
-    caption_ids: (B, L) T5 ids of the text the text stream models (the caption; for VQA prompt + answer).
-    condition_latents: k tensors (B, C, H_i, W_i) of clean condition images (edit source, composition).
-    caption_score_mask: (B, L) True on the tokens to noise and score (the answer of a VQA record);
-        None for all tokens.
-    caption_attention_mask: (B, L) real tokens, for the "real_tokens" text-loss normalisation.
-    teacher_image_targets / teacher_text_targets: (B, D_teacher) frozen teacher features of the target
-        image and of the caption; None skips that alignment term.
-    text_stream_latents: (B, C, H, W) the clean image the text stream sees; defaults to target_latents.
-        Text-only samples use the null image: pass `text_stream_uses_null_image=True`.
-    """
-
-    target_latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    caption_ids: torch.Tensor
-    condition_latents: list[torch.Tensor] | None = None
-    caption_score_mask: torch.Tensor | None = None
-    caption_attention_mask: torch.Tensor | None = None
-    teacher_image_targets: torch.Tensor | None = None
-    teacher_text_targets: torch.Tensor | None = None
-    text_stream_latents: torch.Tensor | None = None
-    text_stream_uses_null_image: bool = False
 
 
 @dataclass
@@ -135,14 +107,53 @@ class UniAlignmentObjective:
     ) -> UniAlignmentLosses:
         """`generator` is a CPU generator: every random draw (timesteps, noise, dropout, masks) is made on
         the CPU and moved, so a run is reproducible across devices and resumable from the generator state."""
-        config, weights = self.config, self.config.weights
-        device, batch_size = batch.target_latents.device, batch.target_latents.shape[0]
+        weights = self.config.weights
         want_contrastive = weights.contrastive > 0
         want_align = (weights.align_image > 0 and batch.teacher_image_targets is not None) or (
             weights.align_text > 0 and batch.teacher_text_targets is not None
         )
+        # 1. and 2.: the two passes, in this order (their random draws share the generator).
+        image_loss, image_pass = self.image_stream(model, batch, generator, want_contrastive, want_align)
+        text_loss, text_pass = self.text_stream(model, batch, generator, want_contrastive, want_align)
 
-        # 1. Image stream: rectified flow on the target, condition images clean.
+        # 3. Cross-modal alignment: final image states of pass 1 against final text states of pass 2.
+        zero = torch.zeros((), device=batch.target_latents.device)
+        contrastive = zero
+        if want_contrastive:
+            contrastive = contrastive_loss(
+                pool_tokens(image_pass.image_hidden_states),
+                pool_tokens(text_pass.text_hidden_states),
+                self.config.contrastive_temperature,
+                self.config.gather_contrastive_negatives,
+            )
+
+        # 4. Intrinsic-modal alignment toward the frozen teacher.
+        align_image = align_text = zero
+        if want_align and batch.teacher_image_targets is not None:
+            align_image = cosine_alignment_loss(image_pass.image_alignment, batch.teacher_image_targets)
+        if want_align and batch.teacher_text_targets is not None:
+            align_text = cosine_alignment_loss(text_pass.text_alignment, batch.teacher_text_targets)
+
+        total = (
+            weights.image * image_loss
+            + weights.text * text_loss
+            + weights.contrastive * contrastive
+            + weights.align_image * align_image
+            + weights.align_text * align_text
+        )
+        return UniAlignmentLosses(total, image_loss, text_loss, contrastive, align_image, align_text)
+
+    def image_stream(
+        self,
+        model: UniAlignmentTransformer,
+        batch: TrainingBatch,
+        generator: torch.Generator | None,
+        return_hidden_states: bool,
+        return_alignment: bool,
+    ) -> tuple[torch.Tensor, UniAlignmentTransformerOutput]:
+        """Rectified flow on the target, condition images clean: (the loss, the pass's outputs)."""
+        config = self.config
+        device, batch_size = batch.target_latents.device, batch.target_latents.shape[0]
         timesteps, sigmas = sample_timesteps(
             self.scheduler,
             batch_size,
@@ -165,14 +176,25 @@ class UniAlignmentObjective:
             prompt_embeds,
             timesteps,
             batch.condition_latents,
-            return_hidden_states=want_contrastive,
-            return_alignment=want_align,
+            return_hidden_states=return_hidden_states,
+            return_alignment=return_alignment,
         )
         image_loss = flow_matching_loss(
             image_pass.velocity, noisy_latents, batch.target_latents, sigmas, config.weighting_scheme
         )
+        return image_loss, image_pass
 
-        # 2. Text stream: MDLM on the caption, the clean image at timestep 0.
+    def text_stream(
+        self,
+        model: UniAlignmentTransformer,
+        batch: TrainingBatch,
+        generator: torch.Generator | None,
+        return_hidden_states: bool,
+        return_alignment: bool,
+    ) -> tuple[torch.Tensor, UniAlignmentTransformerOutput]:
+        """MDLM on the caption, the clean image (or the null image) at timestep 0: (the loss, the pass's outputs)."""
+        config = self.config
+        device, batch_size = batch.target_latents.device, batch.target_latents.shape[0]
         text_times = sample_antithetic_times(batch_size, config.text_sampling_eps, generator=generator)
         caption_ids = batch.caption_ids.cpu()
         score_mask = None if batch.caption_score_mask is None else batch.caption_score_mask.cpu()
@@ -193,8 +215,8 @@ class UniAlignmentObjective:
             torch.zeros(batch_size, device=device),
             return_velocity=False,
             return_text_logits=True,
-            return_hidden_states=want_contrastive,
-            return_alignment=want_align,
+            return_hidden_states=return_hidden_states,
+            return_alignment=return_alignment,
         )
         text_times = text_times.to(device)
         text_loss = masked_diffusion_loss(
@@ -206,30 +228,4 @@ class UniAlignmentObjective:
             attention_mask=batch.caption_attention_mask,
             normalization=config.text_loss_normalization,
         ).loss
-
-        # 3. Cross-modal alignment: final image states of pass 1 against final text states of pass 2.
-        zero = torch.zeros((), device=device)
-        contrastive = zero
-        if want_contrastive:
-            contrastive = contrastive_loss(
-                pool_tokens(image_pass.image_hidden_states),
-                pool_tokens(text_pass.text_hidden_states),
-                config.contrastive_temperature,
-                config.gather_contrastive_negatives,
-            )
-
-        # 4. Intrinsic-modal alignment toward the frozen teacher.
-        align_image = align_text = zero
-        if want_align and batch.teacher_image_targets is not None:
-            align_image = cosine_alignment_loss(image_pass.image_alignment, batch.teacher_image_targets)
-        if want_align and batch.teacher_text_targets is not None:
-            align_text = cosine_alignment_loss(text_pass.text_alignment, batch.teacher_text_targets)
-
-        total = (
-            weights.image * image_loss
-            + weights.text * text_loss
-            + weights.contrastive * contrastive
-            + weights.align_image * align_image
-            + weights.align_text * align_text
-        )
-        return UniAlignmentLosses(total, image_loss, text_loss, contrastive, align_image, align_text)
+        return text_loss, text_pass

@@ -1,0 +1,1 @@
+"""Speed and memory measurement at full size with random weights: `scripts/benchmark.py` is the command line."""
