@@ -53,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model is required")
     # Imported here, after the arguments are checked, so that a mistake is reported at once rather than after
     # diffusers and transformers have loaded.
+    from unialignment.files import model_folder
     from unialignment.frozen.components import DTYPES
     from unialignment.training.run_folder import load_pipeline, size_multiple_of
 
     try:
+        args["model"] = model_folder(args["model"], "--model")  # a hub repo id: its snapshot in the local cache
         size_multiple = size_multiple_of(args["model"])  # from the configs: no weights loaded yet
     except (OSError, ValueError, KeyError) as error:
         print(f"error: cannot read {args['model']}: {error}", file=sys.stderr)
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if good:
         try:
             pipe = load_pipeline(args["model"], args["device"], DTYPES.get(args["dtype"]), args["cpu_offload"])
+            if args["lora"] is not None:
+                pipe.load_lora_weights(args["lora"])
         except (OSError, ValueError) as error:  # a wrong folder or run; ConfigError and ExportError are ValueErrors
             print(f"error: cannot load {args['model']}: {error}", file=sys.stderr)
             return 2

@@ -9,8 +9,9 @@ The frozen components (T5 tokenizer and encoder, VAE, learned mask embedding) co
 the run's folders with the SD3 folder's, and `--tokenizer`, `--text-encoder`, `--vae`, `--mask-embedding` replace
 one each. The scheduler is the SD3 folder's `scheduler/` when there is an SD3 folder (SD3-medium ships shift 3.0
 for sampling), else `FlowMatchEulerDiscreteScheduler()`, unless `--scheduler`. The pipeline is saved into a
-temporary sibling folder and renamed into place, so OUT is never half-written. LoRA runs (adapter-only exports)
-are refused for now: fusing needs the run's exact base weights and LoRA alpha.
+temporary sibling folder and renamed into place, so OUT is never half-written. A LoRA run's export holds the
+adapters alone: OUT gets the run's base transformer (`model.load_from`) with the adapters beside it
+(`pytorch_lora_weights.safetensors`, applied by `inference.py --lora OUT`), or with `--merge-lora` fused into it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from unialignment.errors import UserError
 from unialignment.frozen.components import DTYPES, ComponentsConfig
-from unialignment.pipelines.assembly import ExportError, build_pipeline, save_pipeline
-from unialignment.pipelines.pipeline_unialignment import MASK_EMBEDDING_FILE
-from unialignment.training.config import ConfigError
-from unialignment.training.run_folder import run_components, run_transformer_folder
+from unialignment.frozen.text_encoder import MASK_EMBEDDING_FILE
+from unialignment.pipelines.assembly import build_pipeline, save_pipeline
+from unialignment.pipelines.pipeline_unialignment import LORA_WEIGHTS
+from unialignment.training.run_folder import lora_base_folder, run_components, run_config, run_transformer_folder
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--mask-embedding", help=f"learned mask-token embedding file ({MASK_EMBEDDING_FILE})")
     parser.add_argument("--scheduler", help="a FlowMatchEulerDiscreteScheduler folder (scheduler_config.json)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)")
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA run: fuse the adapters into the base transformer (default: keep them beside it, for --lora)",
+    )
     args = parser.parse_args(argv)
     if args.transformer is not None and (args.step is not None or args.weights != "ema"):
         parser.error("--weights and --step go with --run")
@@ -62,9 +69,19 @@ def main(argv: list[str] | None = None) -> Path:
         }
         components = dataclasses.replace(components, **overrides)
         transformer_dir = args.transformer or run_transformer_folder(args.run, args.weights, args.step)
-        pipe = build_pipeline(transformer_dir, components, args.scheduler, DTYPES[args.dtype])
-        save_pipeline(pipe, args.out, components.mask_embedding, args.overwrite)
-    except (ExportError, ConfigError, OSError) as error:
+        lora = transformer_dir / LORA_WEIGHTS
+        if args.run is not None and lora.is_file():  # a LoRA run: its base transformer, and the adapters
+            base = lora_base_folder(run_config(args.run), args.run)
+            pipe = build_pipeline(base, components, args.scheduler, DTYPES[args.dtype])
+            if args.merge_lora:
+                pipe.load_lora_weights(lora)
+                pipe.transformer.fuse_lora()
+                pipe.transformer.unload_lora()
+            extra = [] if args.merge_lora else [lora]  # beside the base weights: inference.py --lora OUT
+        else:
+            pipe, extra = build_pipeline(transformer_dir, components, args.scheduler, DTYPES[args.dtype]), []
+        save_pipeline(pipe, args.out, components.mask_embedding_file(), args.overwrite, extra_files=extra)
+    except (UserError, OSError) as error:
         parser.exit(2, f"error: {error}\n")
     print(f"pipeline written to {args.out} (transformer {transformer_dir})", file=sys.stderr)
     return args.out

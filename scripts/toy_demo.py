@@ -33,14 +33,16 @@ import torch
 from unialignment.frozen.text_encoder import load_t5_tokenizer
 from unialignment.pipelines.assembly import build_pipeline, save_pipeline
 from unialignment.toy.components import dataset_image_size, dataset_text_length
-from unialignment.toy.folder import DatasetFolderError, split_files
-from unialignment.toy.heldout import checks_world, format_table, plan_jobs, score_outputs, write_jobs
+from unialignment.toy.folder import DatasetFolderError, read_split, split_files
+from unialignment.toy.heldout import checks_world, format_table, plan_jobs_for, score_outputs, write_jobs
 from unialignment.training.builders import build_transformer
 from unialignment.training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_sft")
 VARIANTS = {False: "aligned", True: "no_alignment"}
+# --quick, the README's first command: what it shortens (and it evaluates the held-out text-to-image prompts only).
+QUICK = {"steps_scale": 0.5, "vae_steps": 1500}
 ALIGNMENT_OFF = {
     "objective.weights.contrastive": 0.0,
     "objective.weights.align_image": 0.0,
@@ -96,6 +98,8 @@ def stage_overrides(
         "components.text_length": text_length,
         "max_steps": max(1, round(config.max_steps * steps_scale)),
     }
+    # labelled sample grids of the untrained start and of the stage's end (samples/<step>/t2i.png)
+    overrides["logging.sample_every_steps"] = overrides["max_steps"]
     if previous is not None:
         overrides["model.load_from"] = str(variant / previous / "export" / "ema")
     if no_alignment:
@@ -129,9 +133,13 @@ def make_untrained_pipeline(out: Path, stage: str, overrides: dict) -> Path:
 
 
 def evaluate(pipeline: Path, data_root: Path, folder: Path, args: argparse.Namespace, image_size: int, text_length):
-    """Run every held-out job through inference.py; returns the jobs (with their output files)."""
-    jobs = plan_jobs(
-        data_root, folder / "outputs", seed=args.seed, text_steps=args.text_steps, t2i_samples=args.t2i_samples
+    """Run every held-out job (--quick: text-to-image and captions) through inference.py; returns the jobs (with
+    their output files)."""
+    split = read_split(data_root, "heldout")
+    if args.quick:
+        split = {task: records for task, records in split.items() if task == "t2i"}
+    jobs = plan_jobs_for(
+        split, folder / "outputs", seed=args.seed, text_steps=args.text_steps, t2i_samples=args.t2i_samples
     )
     infer(jobs, folder / "heldout_jobs.jsonl", pipeline, args, image_size, text_length)
     return jobs
@@ -154,7 +162,7 @@ def infer(jobs: list, jobs_file: Path, pipeline: Path, args: argparse.Namespace,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="a dataset folder (train/, heldout/); default: make the shapes world")
-    parser.add_argument("--out", type=Path, default=Path("runs/toy"))
+    parser.add_argument("--out", type=Path, help="where everything goes (default runs/toy; --quick: runs/toy_quick)")
     parser.add_argument("--no-alignment", action="store_true", help="train without the alignment losses")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's max_steps")
     parser.add_argument(
@@ -180,7 +188,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--t2i-samples", type=int, default=4, help="draws per held-out text-to-image prompt (the metrics average them)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: stage 1 at half length, a shorter VAE training, held-out text-to-image and captions only",
+    )
+    args = parser.parse_args(argv)
+    # Its own folder: the full demo must not pick up the quick run's shorter-trained components.
+    args.out = args.out or Path("runs/toy_quick" if args.quick else "runs/toy")
+    if args.quick:
+        args.stages, args.steps_scale = 1, args.steps_scale * QUICK["steps_scale"]
+        args.vae_steps, args.t2i_samples = min(args.vae_steps, QUICK["vae_steps"]), min(args.t2i_samples, 2)
+    return args
 
 
 def plan_stages(args: argparse.Namespace, out: Path, data_root: Path, image_size: int, text_length: int) -> dict:
@@ -217,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     variant = out / VARIANTS[args.no_alignment]
     overrides = plan_stages(args, out, data_root, image_size, text_length)
     stages = list(overrides)
+    args.last_stage = stages[-1]
 
     untrained = make_untrained_pipeline(out, stages[0], overrides[stages[0]])
     baseline_jobs = evaluate(untrained, data_root, out / "untrained", args, image_size, text_length)
@@ -246,6 +266,9 @@ def report(args, out: Path, data_root: Path, variant: Path, baseline_jobs, train
     table = format_table(scores)
     (variant / "scores.md").write_text(table + "\n")
     print(f"\nheld-out scores ({data_root / 'heldout'}), {minutes:.1f} min:\n{table}")
+    grids = sorted(variant.glob(f"{args.last_stage}/samples/step_*/t2i.png"))
+    if grids:
+        print(f"labelled samples of {args.last_stage}, at its start and its end: {', '.join(map(str, grids))}")
     return scores
 
 

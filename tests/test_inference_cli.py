@@ -4,6 +4,7 @@ A subprocess costs several seconds of start-up, so one `--jobs` run covers every
 
 import json
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from mmengine.config import Config
 from PIL import Image
 from transformers import T5EncoderModel
 
+from unialignment.errors import UserError
 from unialignment.frozen.text_encoder import load_t5_tokenizer, mask_token_id
 from unialignment.pipelines import UniAlignmentPipeline
 from unialignment.toy.components import make_tiny_components
@@ -75,7 +77,9 @@ def tiny(tmp_path_factory):
         dtype="float32",
     )
     run.mkdir()
-    Config(TrainConfig(work_dir=str(run), components=components).to_dict()).dump(str(run / "config.py"))
+    merged = TrainConfig(work_dir=str(run), components=components).to_dict()
+    Config(merged).dump(str(run / "config.py"))  # as the trainer leaves a run folder: the mmengine file
+    (run / "config.json").write_text(json.dumps(merged))  # and the JSON that readers read
     tag = tag_for_step(2)
     transformer.save_pretrained(run / "export" / tag / "ema")
     make_tiny_transformer(
@@ -222,3 +226,70 @@ def test_export_pipeline_from_a_run(tiny, capsys):
     raw = UniAlignmentPipeline.from_pretrained(out).transformer.state_dict()
     assert not all(torch.equal(tensor, expected[name]) for name, tensor in raw.items())
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_unwritable_output_fails_its_own_job_only(tiny, tmp_path):
+    """Checked before generating: an output under a file, or in a folder nothing can be written to (/proc, even for
+    root), fails its line; the other jobs run and the summary counts the failures."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    jobs = [
+        {"task": "caption", "image": str(tiny.images / "blue.png"), "length": 8, "output": str(blocker / "x.txt")},
+        {"task": "caption", "image": str(tiny.images / "blue.png"), "length": 8, "output": str(tmp_path / "ok.txt")},
+        {"task": "t2i", "prompt": "a red square", "output": "/proc/unialignment.png"},
+    ]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    result = _run("--model", tiny.pipeline, "--jobs", tmp_path / "jobs.jsonl", "--seed", "0", *FAST)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert f"jobs.jsonl:1: error: --output {blocker / 'x.txt'}: {blocker} is a file, not a folder" in result.stderr
+    assert "jobs.jsonl:3: error: --output /proc/unialignment.png: cannot write in /proc" in result.stderr
+    assert "2 of 3 job(s) failed" in result.stderr
+    assert (tmp_path / "ok.txt").read_text().strip()
+
+    single = _run("t2i", "--model", tiny.pipeline, "--prompt", "a red square", "--output", "/proc/x.png", *FAST)
+    assert single.returncode == 2 and "Traceback" not in single.stderr
+    (line,) = [line for line in single.stderr.splitlines() if "error:" in line]
+    assert "cannot write in /proc" in line
+
+    # A write that fails after the generation (the folder went away meanwhile) fails that job alone.
+    cli = runpy.run_path(str(REPO / "inference.py"), run_name="inference")
+    pipe = UniAlignmentPipeline.from_pretrained(tiny.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(tiny.images / "red.png").convert("RGB")
+    kwargs = dict(image=image, length=8, height=32, width=32, num_inference_steps=2, generator=_seeded(0))
+    calls = [
+        ("gone", cli["Call"]("caption", dict(kwargs), Path("/proc/gone/x.txt"), {})),
+        ("kept", cli["Call"]("caption", dict(kwargs, generator=_seeded(0)), tmp_path / "kept.txt", {})),
+    ]
+    assert cli["run_jobs"](pipe, calls, batch_size=1) == 1
+    assert (tmp_path / "kept.txt").is_file()
+
+
+def test_reading_a_model_or_run_folder_runs_none_of_its_code(tiny, tmp_path):
+    marker = tmp_path / "PWNED"
+    probe = f"__import__('pathlib').Path({str(marker)!r}).touch()\n"
+    run = tmp_path / "run"
+    shutil.copytree(tiny.run, run, symlinks=True)
+    (run / "config.py").write_text(probe + (run / "config.py").read_text())  # an mmengine config is Python
+    _ok(_run("caption", "--model", run, "--image", tiny.images / "blue.png", "--length", "8", *FAST))
+    _ok(_run("--run", run, "--out", tmp_path / "exported", script="scripts/export_pipeline.py"))
+    assert not marker.exists()
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny.pipeline, pipeline)
+    (pipeline / "evil_pipeline.py").write_text(probe + "class EvilPipeline:\n    pass\n")
+    (pipeline / "text_encoder" / "evil_model.py").write_text(probe + "class EvilModel:\n    pass\n")
+    encoder_config = json.loads((pipeline / "text_encoder" / "config.json").read_text())
+    encoder_config["auto_map"] = {"AutoModel": "evil_model.EvilModel"}
+    (pipeline / "text_encoder" / "config.json").write_text(json.dumps(encoder_config))
+    index = json.loads((pipeline / "model_index.json").read_text())
+    index.update(_class_name=["evil_pipeline", "EvilPipeline"], safety_checker=["evil_pipeline", "EvilPipeline"])
+    (pipeline / "model_index.json").write_text(json.dumps(index))
+    assert type(UniAlignmentPipeline.from_pretrained(pipeline)) is UniAlignmentPipeline
+    assert not marker.exists()
+
+    index["vae"] = ["os", "system"]
+    (pipeline / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"names vae = \['os', 'system'\]"):
+        UniAlignmentPipeline.from_pretrained(pipeline)
+    assert not marker.exists()

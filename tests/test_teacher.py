@@ -104,6 +104,21 @@ def test_text_targets_real_tokens_only_match_hand_computation(teacher_folder, te
     assert not torch.allclose(real_token_targets, reference_targets)
 
 
+def test_the_authors_padding_pads_each_batch_to_its_longest_caption(teacher_folder, teacher):
+    """What the authors' code does: pad the batch to its longest caption and average every position, so one
+    caption's target depends on the batch it came in."""
+    authors = QwenVLTeacher.from_pretrained(teacher_folder, torch_dtype=torch.float32, pad_to="longest_in_batch")
+    embedding_table = teacher.model.get_input_embeddings().weight
+    ids = [teacher.tokenizer(caption)["input_ids"] for caption in CAPTIONS]
+    longest = max(len(token_ids) for token_ids in ids)
+    pad = teacher.tokenizer.pad_token_id
+    for target, token_ids in zip(authors.text_targets(CAPTIONS), ids, strict=True):
+        torch.testing.assert_close(target, embedding_table[token_ids + [pad] * (longest - len(token_ids))].mean(0))
+    alone = authors.text_targets(CAPTIONS[:1])[0]
+    torch.testing.assert_close(alone, embedding_table[ids[0]].mean(0))  # alone it is its own longest
+    assert not torch.allclose(authors.text_targets(CAPTIONS), teacher.text_targets(CAPTIONS))
+
+
 def test_text_targets_truncate_to_max_text_length(teacher_folder):
     teacher = QwenVLTeacher.from_pretrained(teacher_folder, torch_dtype=torch.float32, max_text_length=4)
     long_caption = " ".join(CAPTIONS)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from unialignment.data.feature_cache import FeatureCacheReader
+from unialignment.data.feature_cache import REBUILD, FeatureCacheReader, image_stamp
 from unialignment.data.jsonl_index import JsonlIndex, check_bad_fraction, write_skip_report
 from unialignment.data.records import TaskKind
 from unialignment.data.sampler import SampleKey
@@ -30,6 +30,7 @@ from unialignment.data.transforms import (
     nearest_bucket,
     prepare_images,
 )
+from unialignment.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class TaskGroupConfig:
     def __post_init__(self):
         self.datasets = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in self.datasets]
         if not self.datasets:
-            raise ValueError(f"task group {self.name!r} lists no datasets")
+            raise UserError(f"task group {self.name!r} lists no datasets")
 
 
 class TaskGroup:
@@ -73,7 +74,7 @@ class TaskGroup:
         self.size_multiple = size_multiple
         self._starts = np.cumsum([0] + [len(index) for index in indexes])
         if self._starts[-1] == 0:
-            raise ValueError(f"task group {name!r} has no valid records in {[str(i.path) for i in indexes]}")
+            raise UserError(f"task group {name!r} has no valid records in {[str(i.path) for i in indexes]}")
         # Each record's bucket, from img_w / img_h where the record states them; others use the first bucket
         # (the square one when buckets are off).
         if len(buckets) > 1:
@@ -128,7 +129,7 @@ def build_task_groups(
     `size_multiple`: the components' VAE downsampling x patch size, which the resolution must divide into."""
     check_size(resolution, resolution, size_multiple)
     buckets = make_buckets(resolution, size_multiple) if aspect_ratio_buckets else [(resolution, resolution)]
-    built, all_indexes = [], []
+    indexed, all_indexes = [], []
     for config in groups:
         config = config if isinstance(config, TaskGroupConfig) else TaskGroupConfig(**config)
         indexes = []
@@ -147,14 +148,14 @@ def build_task_groups(
                 )
             )
         all_indexes.extend(indexes)
-        built.append(TaskGroup(config.name, config.weight, indexes, buckets, size_multiple))
+        indexed.append((config, indexes))
     if report_path is not None:
         write_skip_report(all_indexes, report_path)
     for index in all_indexes:
         if index.num_skipped:
             logger.warning("%s: skipped %d bad lines (see the skip report)", index.path, index.num_skipped)
-    check_bad_fraction(all_indexes, max_bad_fraction)
-    return built
+    check_bad_fraction(all_indexes, max_bad_fraction)  # first: the reasons say more than "no valid records"
+    return [TaskGroup(config.name, config.weight, indexes, buckets, size_multiple) for config, indexes in indexed]
 
 
 @dataclass
@@ -231,6 +232,8 @@ class UniAlignmentDataset(Dataset):
             reader = readers[file_number]
             if not reader.valid(row):
                 raise OSError("its images could not be read when the feature cache was written")
+            if reader.image_stamp(row) != image_stamp([*record.source_images, record.target_image]):
+                raise OSError(f"its images changed after the feature cache was written; {REBUILD}")
             num_sources, features = reader.row(row)
         else:
             height, width = group.pool_buckets[key.bucket]

@@ -25,7 +25,7 @@ from unialignment.frozen.components import FrozenComponents
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each row records what its image files were (`image_stamp`)
 
 
 def cache_folder(jsonl_path: str | Path, resolution: int) -> Path:
@@ -41,6 +41,16 @@ REBUILD = (
 def source_fingerprint(jsonl_path: Path) -> dict:
     stat = os.stat(jsonl_path)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def image_stamp(paths: list[str]) -> int:
+    """What a record's image files are, cheaply: a 63-bit digest of each file's path, size and modification time.
+    The cache stores it per row; a row whose files have changed since is not used (`UniAlignmentDataset`)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def _digest(values) -> str:
@@ -89,6 +99,7 @@ def components_fingerprint(components: FrozenComponents) -> dict[str, object]:
         else _digest(teacher_module.state_dict().items()),
         "components.teacher (config)": _digest(_config(teacher_model).items()),
         "components.teacher_average_padding": getattr(teacher, "average_padding", None),
+        "components.teacher_padding": getattr(teacher, "pad_to", None),
         "components.text_length (teacher)": getattr(teacher, "max_text_length", None),
     }
 
@@ -162,6 +173,11 @@ class FeatureCacheReader:
     def valid(self, row: int) -> bool:
         shard = self._shard(row // self.shard_size)
         return bool(shard.get_slice("valid")[row % self.shard_size : row % self.shard_size + 1][0])
+
+    def image_stamp(self, row: int) -> int:
+        """The row's `image_stamp` when the cache was written."""
+        shard = self._shard(row // self.shard_size)
+        return int(shard.get_slice("image_stamp")[row % self.shard_size : row % self.shard_size + 1][0])
 
     def row(self, row: int) -> tuple[int, dict[str, torch.Tensor]]:
         """(number of condition images, the row's features by name)."""

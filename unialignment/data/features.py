@@ -20,7 +20,13 @@ from tqdm import tqdm
 
 from unialignment.data.collate import Collator, RawBatch
 from unialignment.data.dataset import TaskGroup, UniAlignmentDataset
-from unialignment.data.feature_cache import FORMAT_VERSION, cache_folder, components_fingerprint, source_fingerprint
+from unialignment.data.feature_cache import (
+    FORMAT_VERSION,
+    cache_folder,
+    components_fingerprint,
+    image_stamp,
+    source_fingerprint,
+)
 from unialignment.data.jsonl_index import JsonlIndex
 from unialignment.data.sampler import SampleKey
 from unialignment.data.transforms import IMAGE_ERRORS, SD3_SIZE_MULTIPLE
@@ -174,6 +180,7 @@ class _ShardEncoder:
         columns: dict[str, list[torch.Tensor | None]] = {}
         valid = torch.zeros(len(rows), dtype=torch.uint8)
         num_sources = torch.zeros(len(rows), dtype=torch.uint8)
+        stamps = torch.zeros(len(rows), dtype=torch.int64)
         for batch_start in range(0, len(rows), self.batch_size):
             samples, positions = [], []
             for position in range(batch_start, min(len(rows), batch_start + self.batch_size)):
@@ -181,6 +188,8 @@ class _ShardEncoder:
                 try:
                     samples.append(self.dataset.prepare(self.group, row, SampleKey(0, 0, row, 0, 0)))
                     positions.append(position)
+                    record = self.group.indexes[0].read_record(row)
+                    stamps[position] = image_stamp([*record.source_images, record.target_image])
                 except IMAGE_ERRORS as error:  # an unreadable record is marked invalid, never fatal
                     self.failures.append(f"{self.group.indexes[0].location(row)}: {type(error).__name__}: {error}")
             # Records of one file may differ in their number of condition images: encode each count apart.
@@ -198,7 +207,7 @@ class _ShardEncoder:
         if self.names is None:
             path = self.group.indexes[0].path
             raise RuntimeError(f"no record of {path} could be read for the feature cache: {self.failures[:5]}")
-        tensors = {"valid": valid, "num_sources": num_sources}
+        tensors = {"valid": valid, "num_sources": num_sources, "image_stamp": stamps}
         for name in self.names:
             present = [value for value in columns.get(name, []) if value is not None]
             if not present:  # a whole shard without this feature (no record had that many sources)

@@ -26,10 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from unialignment.data.records import Record, RecordError, TaskKind, parse_record
+from unialignment.errors import UserError
 from unialignment.files import atomic_path
 
 # Bump when the arrays or the validation rules change, so that old caches are rebuilt.
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: texts that are not valid UTF-8 are skipped
 EMPTY_LINE = "empty line"
 # Chunks are at most this big so that progress moves and workers stay balanced.
 MAX_CHUNK_BYTES = 32 * 2**20
@@ -245,7 +246,7 @@ def check_bad_fraction(indexes: list[JsonlIndex], max_bad_fraction: float):
         lines.append(f"  {index.path}: {index.num_bad} bad of {len(index) + index.num_bad} lines; the first ones:")
         bad = (f"{index.path}:{line}: {reason}" for line, reason in index.skipped if reason != EMPTY_LINE)
         lines += [f"    {line}" for line in itertools.islice(bad, SKIP_LINES_IN_ERRORS)]
-    raise ValueError("\n".join(lines))
+    raise UserError("\n".join(lines))
 
 
 def write_skip_report(indexes: list[JsonlIndex], path: str | Path):

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from unialignment.errors import UserError
+
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -42,7 +44,7 @@ class TaskKind(enum.IntEnum):
         try:
             return aliases[name.lower()]
         except KeyError:
-            raise ValueError(f"unknown task kind {name!r}; expected one of {sorted(aliases)}") from None
+            raise UserError(f"unknown task kind {name!r}; expected one of {sorted(aliases)}") from None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def parse_record(obj: dict, task: TaskKind | None, base_dir: Path, image_root: P
         # every task lists its condition images first and the target last
         sources, target = images[:-1], images[-1]
 
+    for what, text in (("the prompt", prompt), ("the caption", caption), ("the question", question)):
+        _check_utf8(text, what)
     # os.path.join per path is a measurable share of indexing time; join the root once
     root = os.path.join(image_root if image_root is not None else base_dir, "")
     return Record(
@@ -171,6 +175,18 @@ def _nonempty(text: str, reason: str) -> str:
     if not text:
         raise RecordError(reason)
     return text
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """JSON allows escapes of lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode: such a line would
+    pass indexing and stop the run at the step that draws it, so it is rejected here with its reason."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        character = text[error.start]
+        raise RecordError(
+            f"{what} holds {character!r} at position {error.start}, a lone surrogate that is not valid UTF-8"
+        ) from None
 
 
 def _field(obj: dict, key: str):

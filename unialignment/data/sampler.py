@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unialignment.errors import UserError
+
 SCHEDULES = ("alternate", "random")
 
 
@@ -182,13 +184,23 @@ class TaskMixingSampler:
             **snapshot,
             "seed": self.seed,
             "schedule": self.schedule,
+            "samples_per_step": self.samples_per_step,
             "pool_sizes": [list(pools) for pools in self.pool_sizes],
             "group_weights": self.group_weights.tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state. The data (group sizes), weights, seed and schedule must match the saved run: a
-        different mixture would silently give other batches, so it is an error naming what changed."""
+        different mixture would silently give other batches, so it is an error naming what changed. The state
+        holds global positions, so it does not depend on the world size: another number of ranks continues the
+        epoch without repeating or skipping a sample, as long as the global batch is the same."""
+        saved = state.get("samples_per_step", self.samples_per_step)  # states written before it was recorded
+        if saved != self.samples_per_step:
+            raise UserError(
+                f"the checkpoint was trained with a global batch of {saved} samples per step, this run has "
+                f"{self.samples_per_step}: resuming would shift the data order. Keep batch.global_batch_size (a "
+                "different world size is fine; micro-batch x accumulation x ranks must give the same product)"
+            )
         for key, current in (
             ("seed", self.seed),
             ("schedule", self.schedule),
@@ -196,7 +208,7 @@ class TaskMixingSampler:
             ("group_weights", self.group_weights.tolist()),
         ):
             if state[key] != current and not (key == "group_weights" and np.allclose(state[key], current)):
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, this run has {key}={current}")
+                raise UserError(f"sampler state was saved with {key}={state[key]}, this run has {key}={current}")
         self.step = int(state["step"])
         self.cursors = [[int(cursor) for cursor in pool_cursors] for pool_cursors in state["cursors"]]
         self._round_robin_credit = np.asarray(state["round_robin_credit"], dtype=np.float64)

@@ -15,6 +15,7 @@ import abc
 import logging
 import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -65,8 +66,11 @@ class QwenVLTeacher(AlignmentTeacher):
 
     Image target: mean over the image's tokens of `get_image_features` (the vision tower's merged
     tokens, already projected to the LLM width). Text target: mean of the LLM's input embeddings of the
-    caption's tokens. With `average_padding` (the reference) every caption is padded to
-    `max_text_length` and the pad embeddings are averaged in too; without it only real tokens count.
+    caption's tokens. With `average_padding` the pad embeddings are averaged in too: `pad_to="text_length"` pads
+    every caption to `max_text_length` (the default, as docs/METHOD.md section 2 writes the method down), and
+    `pad_to="longest_in_batch"` pads each batch to its longest caption, which is what the authors' code does (so a
+    caption's target depends on the batch it came in). Without `average_padding` only real tokens count
+    (beyond the reference).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class QwenVLTeacher(AlignmentTeacher):
         average_padding: bool = True,
         max_text_length: int = 256,
         image_size: int | None = None,
+        pad_to: Literal["text_length", "longest_in_batch"] = "text_length",
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -84,6 +89,7 @@ class QwenVLTeacher(AlignmentTeacher):
         self.image_processor = image_processor
         self.average_padding = average_padding
         self.max_text_length = max_text_length
+        self.pad_to = pad_to
         self.image_size = image_size
         self.dim = model.config.text_config.hidden_size
         vision_width = model.config.vision_config.out_hidden_size
@@ -102,6 +108,7 @@ class QwenVLTeacher(AlignmentTeacher):
         max_text_length: int = 256,
         image_size: int | None = None,
         random_weights: bool = False,
+        pad_to: Literal["text_length", "longest_in_batch"] = "text_length",
     ) -> QwenVLTeacher:
         """Load from a local Qwen2.5-VL folder (config, weights, tokenizer, preprocessor config).
 
@@ -139,6 +146,7 @@ class QwenVLTeacher(AlignmentTeacher):
             average_padding=average_padding,
             max_text_length=max_text_length,
             image_size=image_size,
+            pad_to=pad_to,
         )
 
     @property
@@ -159,7 +167,7 @@ class QwenVLTeacher(AlignmentTeacher):
         """Mean input embedding of each caption's tokens, (B, dim) float32."""
         tokens = self.tokenizer(
             texts,
-            padding="max_length" if self.average_padding else "longest",
+            padding="max_length" if self.average_padding and self.pad_to == "text_length" else "longest",
             max_length=self.max_text_length,
             truncation=True,
             return_tensors="pt",

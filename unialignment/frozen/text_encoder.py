@@ -19,6 +19,7 @@ variant, so only the answer and what follows it is scored.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,11 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
+from unialignment.errors import UserError
 from unialignment.frozen.random_weights import build_with_random_weights
 
 MASK_TOKEN = "<extra_id_0>"
+MASK_EMBEDDING_FILE = "mask_token_emb.00-of-01.pth"  # the authors' learned mask-token embedding, in a pipeline folder
 MAX_TEXT_LENGTH = 256
 
 
@@ -81,11 +84,19 @@ def load_mask_embedding(path: str | Path, expected_dim: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Mask-token embedding file not found: {path}")
-    mask_embedding = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        mask_embedding = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        # weights_only refuses anything but tensors and plain values: a pickle that would run code lands here.
+        # torch's message advises weights_only=False, which is the one thing not to do here: keep its reason only.
+        advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(error).replace("WeightsUnpickler error:", "\n").splitlines()]
+        reason = next((line for line in lines if line and not line.startswith(advice)), type(error).__name__)[:200]
+        raise UserError(f"{path} is not a tensor file that loads safely (it was not loaded): {reason}") from None
     if not isinstance(mask_embedding, torch.Tensor):
-        raise TypeError(f"{path} must hold a tensor, found {type(mask_embedding).__name__}.")
+        raise UserError(f"{path} must hold a tensor, found {type(mask_embedding).__name__}.")
     if tuple(mask_embedding.shape) not in {(expected_dim,), (1, expected_dim)}:
-        raise ValueError(
+        raise UserError(
             f"{path} holds a tensor of shape {tuple(mask_embedding.shape)}; expected ({expected_dim},) "
             f"or (1, {expected_dim}) to match the text encoder's hidden size."
         )

@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from unialignment.errors import UserError
 from unialignment.files import atomic_folder
 from unialignment.frozen.components import ComponentsConfig, ComponentsError, load_frozen_components
+from unialignment.frozen.text_encoder import MASK_EMBEDDING_FILE
 from unialignment.models import UniAlignmentTransformer
-from unialignment.pipelines.pipeline_unialignment import MASK_EMBEDDING_FILE, UniAlignmentPipeline
+from unialignment.pipelines.pipeline_unialignment import UniAlignmentPipeline
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A run, folder or option that cannot be exported; the message says what to change."""
 
 
@@ -40,10 +42,10 @@ def build_pipeline(
     """A pipeline, in memory, from a transformer folder and the frozen components' folders."""
     transformer_dir = Path(transformer_dir)
     if any(transformer_dir.glob("pytorch_lora_weights*.safetensors")):
-        # The adapters alone are not a model: fusing needs the exact base weights and the LoRA alpha of the run.
+        # The adapters alone are not a model: they need the base transformer they were trained on.
         raise ExportError(
-            f"{transformer_dir} holds LoRA adapters only; exporting LoRA runs is not supported yet. Load the base "
-            "pipeline and apply the adapters with `pipe.transformer.load_lora_adapter(...)` instead."
+            f"{transformer_dir} holds LoRA adapters only: export the run with scripts/export_pipeline.py --run RUN "
+            "(its base transformer and the adapters), or load a base pipeline and call pipe.load_lora_weights(...)"
         )
     try:
         frozen = load_frozen_components(components, dtype=torch_dtype, with_teacher=False)
@@ -63,10 +65,17 @@ def build_pipeline(
 
 
 def save_pipeline(
-    pipe: UniAlignmentPipeline, out: Path, mask_embedding: str | Path | None = None, overwrite: bool = False
+    pipe: UniAlignmentPipeline,
+    out: Path,
+    mask_embedding: str | Path | None = None,
+    overwrite: bool = False,
+    extra_files: list[Path] = (),
 ) -> None:
-    """Save into a temporary sibling of `out`, then move it into place: `out` is complete or absent."""
+    """Save into a temporary sibling of `out` (with the learned mask embedding, and `extra_files` such as LoRA
+    adapters, beside the components), then move it into place: `out` is complete or absent."""
     with atomic_folder(out, overwrite) as temporary:
         pipe.save_pretrained(temporary)
         if mask_embedding is not None:
             shutil.copyfile(mask_embedding, temporary / MASK_EMBEDDING_FILE)
+        for path in extra_files:
+            shutil.copyfile(path, temporary / Path(path).name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -24,7 +25,8 @@ import torch
 from PIL import Image
 
 from unialignment.data.transforms import IMAGE_ERRORS, load_image
-from unialignment.files import atomic_path
+from unialignment.errors import UserError
+from unialignment.files import atomic_path, is_repo_id
 
 IMAGE_TASKS = ("t2i", "edit", "perception", "compose")
 TEXT_TASKS = ("caption", "vqa")
@@ -35,12 +37,12 @@ PERCEPTION_INSTRUCTIONS = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 TEXT_SUFFIXES = {".txt", ".jsonl"}
-SESSION_OPTIONS = ("model", "device", "dtype", "cpu_offload", "jobs", "batch_size")  # one load serves every job
+SESSION_OPTIONS = ("model", "device", "dtype", "cpu_offload", "lora", "jobs", "batch_size")  # one load serves every job
 PATH_OPTIONS = ("image", "images", "output")  # resolved against a jobs file's folder
 # Every option is SUPPRESSed in the parsers, so that the command line's values survive a subcommand's (or a job
 # line's) parse; these fill in what nobody gave. None: not passed to the pipeline, whose own default applies.
 DEFAULTS = dict(
-    command=None, model=None, device=None, dtype=None, cpu_offload=False, jobs=None, output=None, seed=None,
+    command=None, model=None, device=None, dtype=None, cpu_offload=False, lora=None, jobs=None, output=None, seed=None,
     steps=None, guidance=None, size=None, negative_prompt=None, num_images=None, length=None, instruction=None,
     map=None, batch_size=1,
 )  # fmt: skip
@@ -52,7 +54,7 @@ IMAGE_ARGUMENTS = {
 TEXT_ARGUMENTS = {"steps": "num_inference_steps", "length": "length"}
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A user mistake (a bad file, option or job line), reported in one line without a traceback."""
 
 
@@ -91,20 +93,22 @@ def _file(text: str) -> Path:
     return Path(text)
 
 
-def _folder(text: str) -> Path:
-    if not Path(text).is_dir():
+def _model(text: str) -> str:
+    """A folder, or a hub repo id ("org/name") to find in huggingface_hub's cache (`model_folder`)."""
+    if not Path(text).is_dir() and not is_repo_id(text):
         raise argparse.ArgumentTypeError(f"no such folder: {text}")
-    return Path(text)
+    return text
 
 
 def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser):
     """The command line's parser and its subcommands' parsers (which also parse job lines)."""
     options = dict(argument_default=argparse.SUPPRESS, allow_abbrev=False, add_help=False)
     session = argparse.ArgumentParser(**options)
-    session.add_argument("--model", type=_folder, help="a pipeline folder or a training run folder")
+    session.add_argument("--model", type=_model, help="a pipeline folder, a training run folder, or a hub repo id")
     session.add_argument("--device", help="default: cuda when available, else cpu")
     session.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda")
     session.add_argument("--cpu-offload", action="store_true", help="diffusers' model CPU offload")
+    session.add_argument("--lora", type=Path, help="LoRA adapters to apply (a file, or a folder holding one)")
     sampling = argparse.ArgumentParser(**options)
     sampling.add_argument("--seed", type=int, help="default: a fresh random seed")
     sampling.add_argument("--steps", type=_positive, help="default: the pipeline method's (28 images, 64 texts)")
@@ -191,6 +195,9 @@ def prepare(args: dict, size_multiple: int | None = None) -> Call:
                 "model's VAE downsampling x its patch size)"
             )
         common.update(height=height, width=width)
+    if output is not None:
+        as_folder = task in IMAGE_TASKS and output.suffix.lower() not in IMAGE_SUFFIXES
+        _check_writable(output, as_folder)
     arguments = TEXT_ARGUMENTS if task in TEXT_TASKS else IMAGE_ARGUMENTS
     common.update({name: args[option] for option, name in arguments.items() if args[option] is not None})
     if task in TEXT_TASKS:
@@ -215,6 +222,25 @@ def prepare(args: dict, size_multiple: int | None = None) -> Call:
         return Call("compose", dict(common, images=images, instruction=args["instruction"]), output, {})
     instruction = args["instruction"] or PERCEPTION_INSTRUCTIONS[args["map"]]
     return Call("edit", dict(common, image=_load_image(args["image"]), instruction=instruction), output, {})
+
+
+def _check_writable(output: Path, as_folder: bool) -> None:
+    """Fail now, not after the generation, when `output` (a file, or with `as_folder` a folder of files) cannot be
+    written: the nearest existing path must be a folder in which a file can be created (a probe, removed at once)."""
+    if output.exists() and output.is_dir() != as_folder:
+        kind = "a folder" if output.is_dir() else "a file"
+        raise UsageError(f"--output {output} is {kind}; give {'a folder' if as_folder else 'a file name'}")
+    existing = output if as_folder else output.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--output {output}: {existing} is a file, not a folder")
+    folder = existing
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output {output}: cannot write in {folder}: {error.strerror or error}") from None
 
 
 def write_results(call: Call, result) -> str:
@@ -249,7 +275,9 @@ def read_jobs(path: Path, defaults: dict) -> list[tuple[str, dict | UsageError]]
     """(`FILE:LINE`, the job's options or why the line is bad) for every non-blank line of a jobs file."""
     _, job_parsers = build_parser(_JobParser)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Newlines only: str.splitlines() also splits inside a line at U+2028 and other separators that JSON allows
+        # in strings, which would break one valid line in two and shift every later line number.
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except UnicodeDecodeError as error:
         raise UsageError(f"{path} is not a UTF-8 text file: {error}") from None
     jobs = []
@@ -349,9 +377,14 @@ def run_jobs(pipe, jobs: list[tuple[str, Call | dict]], batch_size: int = 1) -> 
                 batch.append(item)
                 errors += flush()
             return errors
+        errors = 0
         for (where, call), result in zip(pending, results, strict=True):
-            report(where, write_results(call, result))
-        return 0
+            try:
+                report(where, write_results(call, result))
+            except OSError as error:  # a full disk or a folder gone read-only since the check: this job only
+                report(where, f"error: cannot write {call.output}: {error}")
+                errors += 1
+        return errors
 
     for where, job in jobs:
         try:

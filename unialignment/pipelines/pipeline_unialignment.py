@@ -27,7 +27,10 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 from unialignment.data.transforms import resize_and_center_crop, size_multiple, to_pixels
 from unialignment.diffusion.flow_matching import sample_rectified_flow
 from unialignment.diffusion.masked_diffusion_sampler import initial_ids_from_prompt, sample_masked_diffusion
+from unialignment.errors import UserError
+from unialignment.files import model_folder
 from unialignment.frozen.text_encoder import (
+    MASK_EMBEDDING_FILE,
     FrozenT5,
     apply_mask_embedding,
     load_t5_tokenizer,
@@ -41,9 +44,16 @@ logger = logging.get_logger(__name__)
 
 NULL_PROMPT = " "  # the unconditional prompt of training's condition dropout: the default negative prompt
 OUTPUT_TYPES = ("pil", "np", "latent")
-MASK_EMBEDDING_FILE = "mask_token_emb.00-of-01.pth"  # the authors' learned mask-token embedding
 
 Generator = torch.Generator | list[torch.Generator] | None
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+# What each component entry of `model_index.json` may name (library, classes); the transformer is always ours.
+COMPONENT_CLASSES = {
+    "scheduler": ("diffusers", {"FlowMatchEulerDiscreteScheduler"}),
+    "vae": ("diffusers", {"AutoencoderKL"}),
+    "text_encoder": ("transformers", {"T5EncoderModel"}),
+    "tokenizer": ("transformers", {"T5Tokenizer", "T5TokenizerFast"}),
+}
 
 
 @dataclass
@@ -131,18 +141,32 @@ class UniAlignmentPipeline(DiffusionPipeline):
 
     @classmethod
     def load_config(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' reading of `model_index.json`, with the pipeline and transformer entries made ours.
+        """diffusers' reading of `model_index.json`, with every entry checked against the classes a UniAlignment
+        pipeline is made of, so that no code a folder names is ever imported.
 
         The authors' index names their own pipeline class and `SD3JointModelFlexible` from a library we do not have.
         Passing our transformer to `from_pretrained` is not enough: diffusers still imports the index's library to
-        check the object's type. `from_pretrained` loads the transformer itself, so the index is read as naming ours;
-        the pipeline class is ours too, so no code named by a folder is ever imported.
+        check the object's type. `from_pretrained` loads the transformer itself, so the index is read as naming ours,
+        and the pipeline class is ours. Any other component must name its expected class (an index naming, say,
+        `["os", "system"]` is refused), and entries the pipeline has no use for are dropped unread.
         """
         loaded = super().load_config(pretrained_model_name_or_path, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config["_class_name"] = cls.__name__  # never a custom pipeline file of the folder's
         if "transformer" in config:
-            config["_class_name"] = cls.__name__
             config["transformer"] = [UniAlignmentTransformer.__module__, UniAlignmentTransformer.__name__]
+        for name in [key for key, value in config.items() if isinstance(value, list | tuple) and key != "transformer"]:
+            entry = config[name]
+            if name not in COMPONENT_CLASSES:
+                del config[name]
+                continue
+            library, classes = COMPONENT_CLASSES[name]
+            if len(entry) != 2 or entry[0] != library or entry[1] not in classes:
+                raise UserError(
+                    f"{pretrained_model_name_or_path}/model_index.json names {name} = {list(entry)}; a UniAlignment "
+                    f"pipeline's {name} is {library}.{' or '.join(sorted(classes))}, and nothing else is loaded from "
+                    "a model folder"
+                )
         return loaded
 
     @classmethod
@@ -163,7 +187,7 @@ class UniAlignmentPipeline(DiffusionPipeline):
             file (it must exist); None keeps the text encoder's own row. The embedding replaces the mask token's row
             of the text encoder's input embedding.
         """
-        path = Path(pretrained_model_name_or_path)
+        path = model_folder(pretrained_model_name_or_path, "pipeline")  # a hub repo id: its cached snapshot
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a local pipeline folder: it has no model_index.json.")
         if mask_embedding == "auto":
@@ -189,6 +213,18 @@ class UniAlignmentPipeline(DiffusionPipeline):
             if mask_embedding is not None:
                 apply_mask_embedding(kwargs["text_encoder"], kwargs["tokenizer"], mask_embedding)
         return super().from_pretrained(path, dtype=torch_dtype, **kwargs)
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> None:
+        """LoRA adapters for the transformer, in diffusers' LoRA file layout (`pytorch_lora_weights.safetensors`,
+        `transformer.`-prefixed tensors, the adapter's rank and alpha in the file's metadata): a training run's
+        LoRA export, or the one a pipeline export keeps beside the base weights. `path`: the file or its folder."""
+        path = Path(path)
+        folder, weight_name = (path.parent, path.name) if path.is_file() else (path, LORA_WEIGHTS)
+        if not (folder / weight_name).is_file():
+            raise UserError(f"no LoRA weights at {folder / weight_name}")
+        self.transformer.load_lora_adapter(
+            folder, weight_name=weight_name, prefix="transformer", adapter_name=adapter_name
+        )
 
     # --- image tasks ------------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from unialignment.data.records import Record, RecordError, TaskKind, parse_record
+from unialignment.errors import UserError
 
 TASK_FILES = {
     "t2i": TaskKind.TEXT_TO_IMAGE,
@@ -25,7 +26,7 @@ TASK_FILES = {
 SPLITS = ("train", "heldout")
 
 
-class DatasetFolderError(ValueError):
+class DatasetFolderError(UserError):
     """A dataset folder that does not follow the layout above; the message names the file (and line)."""
 
 

@@ -17,6 +17,7 @@ import deepspeed
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from unialignment.files import model_folder
 from unialignment.frozen.components import FrozenComponents
 from unialignment.models import UniAlignmentTransformer
 from unialignment.models.sd3_init import init_from_sd3
@@ -26,8 +27,9 @@ from unialignment.training.ema import ShardedEMA
 from unialignment.training.objective import UniAlignmentObjective
 
 
-def _transformer_folder(path: Path) -> Path:
-    """A transformer folder, or a pipeline folder holding one in `transformer/`."""
+def transformer_folder(path: str | Path) -> Path:
+    """A transformer folder, or a pipeline folder holding one in `transformer/` (either may be a hub repo id)."""
+    path = model_folder(path, "model.load_from")
     if (path / "transformer" / "config.json").is_file():
         return path / "transformer"
     if (path / "config.json").is_file():
@@ -70,12 +72,24 @@ def _same_setting(a, b) -> bool:
     return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
+def transformer_config(config: TrainConfig, vocab_size: int) -> dict:
+    """The config `build_transformer` would build the transformer with, read from config files only (no weights):
+    `UniAlignmentTransformer.from_config` of it on the meta device gives the model's shapes."""
+    model_config = dict(config.model.config)
+    if config.model.load_from is None:
+        return {"vocab_size": vocab_size, **model_config}
+    folder = transformer_folder(Path(config.model.load_from))
+    saved = json.loads((folder / "config.json").read_text())
+    fields = inspect.signature(UniAlignmentTransformer.__init__).parameters
+    if saved.get("_class_name") == "SD3Transformer2DModel":  # as init_from_sd3 builds it
+        return {**{k: v for k, v in saved.items() if k in fields}, "vocab_size": vocab_size, **model_config}
+    return {**{k: v for k, v in saved.items() if k in fields}, **_load_overrides(folder, model_config)}
+
+
 def transformer_patch_size(config: TrainConfig) -> int:
     """The patch size of the transformer `build_transformer` would build, read without building it."""
-    if config.model.load_from is not None:
-        return json.loads((_transformer_folder(Path(config.model.load_from)) / "config.json").read_text())["patch_size"]
     default = inspect.signature(UniAlignmentTransformer.__init__).parameters["patch_size"].default
-    return config.model.config.get("patch_size", default)
+    return transformer_config(config, vocab_size=0).get("patch_size", default)
 
 
 def build_transformer(config: TrainConfig, vocab_size: int) -> tuple[UniAlignmentTransformer, str]:
@@ -85,7 +99,7 @@ def build_transformer(config: TrainConfig, vocab_size: int) -> tuple[UniAlignmen
         model = UniAlignmentTransformer(**{"vocab_size": vocab_size, **model_config})
         source = "fresh weights"
     else:
-        folder = _transformer_folder(Path(config.model.load_from))
+        folder = transformer_folder(Path(config.model.load_from))
         class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
         if class_name == "SD3Transformer2DModel":
             model, report = init_from_sd3(folder, vocab_size=vocab_size, **model_config)

@@ -1,7 +1,8 @@
 """Checkpoints of a run folder: full training state for exact resume, and `from_pretrained` exports.
 
 `<work_dir>/checkpoints/<tag>/` holds DeepSpeed's checkpoint (weights, optimizer, scheduler, and the client
-state: step, sampler state) and, per rank, `rank_<r>.pt` (the EMA shard and every RNG state). The file
+state: step, sampler state), `ema.safetensors` (the whole EMA, which any world size can shard) and, per rank,
+`rank_<r>.pt` (every RNG state). The file
 `checkpoints/latest` names the newest complete checkpoint; it is replaced atomically only after every rank has
 finished writing, so a crash or kill mid-save leaves the previous checkpoint in charge. Older checkpoints beyond
 `keep_last` are removed after that. `<work_dir>/export/<tag>/{ema,raw}` are transformer folders loadable with
@@ -10,18 +11,26 @@ finished writing, so a crash or kill mid-save leaves the previous checkpoint in 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from huggingface_hub import save_torch_state_dict
+from safetensors.torch import save_file
 
 from unialignment.files import atomic_path
+from unialignment.pipelines.pipeline_unialignment import LORA_WEIGHTS
 
 LATEST = "latest"
+EMA_FILE = "ema.safetensors"  # the whole EMA, in each checkpoint folder
+logger = logging.getLogger("unialignment.train")
 
 
 def checkpoint_root(work_dir: str | Path) -> Path:
@@ -65,20 +74,41 @@ def write_latest(work_dir: str | Path, tag: str) -> None:
 
 
 def prune_checkpoints(work_dir: str | Path, keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` checkpoints (never the one `latest` names); returns what went."""
+    """Remove all but the newest `keep_last` checkpoints (never the one `latest` names) and their exports (never
+    the one `export/ema` or `export/raw` points at); returns the checkpoints that went."""
     root = checkpoint_root(work_dir)
     latest = latest_checkpoint(work_dir)
     folders = sorted(p for p in root.glob("step_*") if p.is_dir())
     removed = [p for p in folders[: max(0, len(folders) - keep_last)] if p != latest]
+    export_root = Path(work_dir) / "export"
+    pointed = {
+        os.readlink(export_root / kind).split("/")[0] for kind in ("ema", "raw") if (export_root / kind).is_symlink()
+    }
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
+        if folder.name not in pointed:
+            shutil.rmtree(export_root / folder.name, ignore_errors=True)
     return removed
 
 
+def remove_checkpoint(work_dir: str | Path, tag: str) -> None:
+    """Remove checkpoint `tag` and its export (an incomplete one, after a failed save)."""
+    shutil.rmtree(checkpoint_root(work_dir) / tag, ignore_errors=True)
+    shutil.rmtree(Path(work_dir) / "export" / tag, ignore_errors=True)
+
+
 def rng_state(generator: torch.Generator) -> dict:
+    """Every random state of this process, as tensors and plain values only (so it loads with weights_only)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
     }
@@ -89,7 +119,12 @@ def rng_state(generator: torch.Generator) -> dict:
 
 def restore_rng_state(state: dict, generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        keys = numpy_state["keys"].numpy().astype(np.uint32)
+        numpy_state = (numpy_state["name"], keys, numpy_state["position"], numpy_state["has_gauss"],
+                       numpy_state["cached_gaussian"])  # fmt: skip
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
@@ -106,8 +141,13 @@ def load_rank_state(folder: Path, rank: int) -> dict:
         raise FileNotFoundError(
             f"{path} is missing: the checkpoint was written by fewer ranks than this run has, or is incomplete"
         )
-    # Our own file, holding numpy RNG state and Python tuples as well as tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # our own file: tensors and plain values only, so nothing in it can run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Written before the random states were stored as tensors (numpy arrays need the full unpickler). A checkpoint
+        # folder is trusted like code anyway: DeepSpeed's own files in it are full pickles.
+        logger.warning("%s predates weights_only-safe rank states; loading it with the full unpickler", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def point_export(work_dir: str | Path, tag: str) -> None:
@@ -123,28 +163,49 @@ def point_export(work_dir: str | Path, tag: str) -> None:
         os.replace(temporary, export_root / kind)
 
 
+def lora_metadata(peft_config) -> dict[str, str]:
+    """safetensors metadata of a LoRA file in diffusers' layout: the adapter's config (rank, alpha, targets), keyed
+    `transformer.<field>`, so that `load_lora_adapter(..., prefix="transformer")` rebuilds the same scaling."""
+    fields = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
+    return {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(fields, sort_keys=True, default=str)}
+
+
+def with_ema(raw: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], lora: bool) -> dict[str, torch.Tensor]:
+    """The model's state with the EMA's averages in place of the trained parameters. The EMA averages trainable
+    parameters only: buffers (the position table) and, for a full model, anything else come from `raw`; a LoRA
+    export holds the adapters alone."""
+    return {**{k: v for k, v in raw.items() if k not in ema and not lora}, **ema}
+
+
 def export_weights(
     work_dir: str | Path, tag: str, module, raw: dict | None, ema: dict | None, lora: bool
 ) -> list[Path]:
     """Write `export/<tag>/raw` and `export/<tag>/ema` as transformer folders (`module`'s config and the weights;
-    LoRA runs: the adapter weights alone, in diffusers' LoRA file layout), then point `export/{raw,ema}` at them.
-    `ema` holds the averaged parameters only; buffers (the position table) come from `raw`."""
+    LoRA runs: the adapter weights alone, in diffusers' LoRA file layout). `ema` holds the averaged parameters only;
+    buffers (the position table) come from `raw`. `point_export` moves `export/{raw,ema}` to them once the
+    checkpoint is complete (after `latest`), so that an export never points past the last complete checkpoint."""
     folder = Path(work_dir) / "export" / tag
     written = []
     for kind, state in (("raw", raw), ("ema", ema)):
         if state is None:
             continue
         if kind == "ema":
-            state = {**{k: v for k, v in raw.items() if k not in state and not lora}, **state}
+            state = with_ema(raw, state, lora)
         if lora:  # diffusers' LoRA file layout: adapter tensors only, "transformer."-prefixed, no adapter name
             state = {f"transformer.{n.replace('.default', '')}": t for n, t in state.items() if "lora_" in n}
         target = folder / kind
         target.mkdir(parents=True, exist_ok=True)
         module.save_config(target)
-        pattern = "pytorch_lora_weights{suffix}.safetensors" if lora else "diffusion_pytorch_model{suffix}.safetensors"
         # clone: DeepSpeed keeps parameters as views of one flat buffer, which safetensors refuses to save
         tensors = {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
-        save_torch_state_dict(tensors, target, filename_pattern=pattern)
+        broken = [
+            name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()
+        ]
+        if broken:  # never hand on weights that cannot be right
+            raise RuntimeError(f"{kind} weights at {tag} are not finite ({len(broken)} tensors, e.g. {broken[0]})")
+        if lora:  # with the adapter's rank, alpha and targets, which diffusers' load_lora_adapter reads back
+            save_file(tensors, target / LORA_WEIGHTS, metadata=lora_metadata(module.peft_config["default"]))
+        else:
+            save_torch_state_dict(tensors, target, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
         written.append(target)
-    point_export(work_dir, tag)
     return written

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,12 +19,22 @@ from typing import Any, Literal
 
 from mmengine.config import Config
 
+from unialignment.errors import UserError
 from unialignment.frozen.components import ComponentsConfig
 from unialignment.training.objective import ObjectiveConfig
 
 
-class ConfigError(ValueError):
-    """A config key that is unknown, missing or of the wrong type; the message names it."""
+class ConfigError(UserError):
+    """A config key that is unknown, missing, of the wrong type or out of range; the message names it."""
+
+
+def _check_range(section: str, values: dict[str, float], minimum: float, maximum: float | None = None) -> None:
+    """Each value must lie in [minimum, maximum]; the error names `section.key` (NaN fails too)."""
+    for name, value in values.items():
+        if not (value >= minimum and (maximum is None or value <= maximum)):
+            bound = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            key = f"{section}.{name}" if section else name
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {bound}")
 
 
 @dataclass
@@ -50,6 +61,9 @@ class ModelConfig:
         ]
     )
 
+    def __post_init__(self):
+        _check_range("model", {"lora_rank": self.lora_rank}, 0)
+
 
 @dataclass
 class DataConfig:
@@ -65,9 +79,18 @@ class DataConfig:
     use_feature_cache: bool = False
     max_replacement_attempts: int = 16
 
+    def __post_init__(self):
+        _check_range(
+            "data", {"resolution": self.resolution, "max_replacement_attempts": self.max_replacement_attempts}, 1
+        )
+        _check_range("data", {"num_workers": self.num_workers}, 0)
+        _check_range("data", {"max_bad_fraction": self.max_bad_fraction}, 0, 1)
+
 
 @dataclass
 class OptimizerConfig:
+    """AdamW, the learning-rate schedule (linear warm-up, then constant or cosine) and gradient clipping."""
+
     lr: float = 3e-5
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -77,6 +100,12 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0  # the cosine schedule's floor, as a fraction of lr
     clip_grad_norm: float = 2.0
 
+    def __post_init__(self):
+        _check_range(
+            "optimizer", {"lr": self.lr, "warmup_steps": self.warmup_steps, "weight_decay": self.weight_decay}, 0
+        )
+        _check_range("optimizer", {"clip_grad_norm": self.clip_grad_norm}, 0)
+
 
 @dataclass
 class BatchConfig:
@@ -84,6 +113,11 @@ class BatchConfig:
 
     global_batch_size: int = 384
     micro_batch_size: int = 4
+
+    def __post_init__(self):
+        _check_range(
+            "batch", {"global_batch_size": self.global_batch_size, "micro_batch_size": self.micro_batch_size}, 1
+        )
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -97,6 +131,8 @@ class BatchConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """ZeRO stage, CPU offload and precision of the DeepSpeed engine around the transformer."""
+
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -106,13 +142,20 @@ class DeepSpeedConfig:
 
 @dataclass
 class CheckpointConfig:
+    """How often full checkpoints (and transformer exports) are written, and how many are kept."""
+
     every_steps: int = 5000
     keep_last: int = 3
     export: bool = True  # write EMA and raw weights as from_pretrained folders beside each checkpoint
 
+    def __post_init__(self):
+        _check_range("checkpoint", {"every_steps": self.every_steps, "keep_last": self.keep_last}, 1)
+
 
 @dataclass
 class LoggingConfig:
+    """Scalars every `every_steps`; sample images and captions for fixed inputs every `sample_every_steps`."""
+
     every_steps: int = 10
     sample_every_steps: int = 1000
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat sitting on a wooden table"])
@@ -121,7 +164,33 @@ class LoggingConfig:
     sample_steps: int = 28
     caption_steps: int = 32
     guidance_scale: float = 7.0
+    sample_weights: Literal["ema", "raw"] = "ema"  # samples from the EMA (what exports default to) or raw weights
     peak_tflops: float = 989.0  # the GPU's dense bf16 peak, for the MFU estimate (H100 SXM: 989)
+    tracker: Literal["tensorboard", "wandb"] = "tensorboard"  # wandb is an optional extra: pip install wandb
+
+    def __post_init__(self):
+        _check_range(
+            "logging",
+            {"every_steps": self.every_steps, "sample_steps": self.sample_steps, "caption_steps": self.caption_steps},
+            1,
+        )
+        _check_range("logging", {"sample_every_steps": self.sample_every_steps}, 0)
+
+
+@dataclass
+class ValidationConfig:
+    """A validation loss every `every_steps` (0: none) on a small fixed held-out set: the first
+    `samples_per_group` records of each group, with timesteps, noise and masks drawn from `seed` alone, so that its
+    curve compares across runs and carries no sampling noise. `groups` as `data.groups`."""
+
+    groups: list[dict] = field(default_factory=list)
+    every_steps: int = 0
+    samples_per_group: int = 32
+    seed: int = 1234
+
+    def __post_init__(self):
+        _check_range("validation", {"every_steps": self.every_steps}, 0)
+        _check_range("validation", {"samples_per_group": self.samples_per_group}, 1)
 
 
 @dataclass
@@ -132,6 +201,7 @@ class TrainConfig:
     resume_from: str | None = "auto"  # "auto": the run folder's latest checkpoint if any; a path; None
     ema_decay: float = 0.9995  # 0 switches EMA off
     max_nonfinite_in_a_row: int = 20
+    distributed_timeout_minutes: float = 120  # how long a collective waits (rank 0 indexing while others wait)
     model: ModelConfig = field(default_factory=ModelConfig)
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +211,15 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self):
+        _check_range("", {"max_steps": self.max_steps, "max_nonfinite_in_a_row": self.max_nonfinite_in_a_row}, 1)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(
+                f"ema_decay={self.ema_decay!r} is out of range: it must be in [0, 1) (0 switches EMA off)"
+            )
+        _check_range("components", {"text_length": self.components.text_length}, 2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -252,4 +331,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     if overrides:
         config.merge_from_dict(overrides)
     values = {key: value for key, value in config.to_dict().items() if not key.startswith("_")}
+    return build_section(TrainConfig, values, where=path.name)
+
+
+def load_config_json(path: str | Path) -> TrainConfig:
+    """The merged config the trainer wrote into a run folder as JSON: read as data and checked strictly, never
+    executed (an mmengine `.py` config is Python, so a run folder's `config.py` is not read by anything)."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(values).__name__}")
     return build_section(TrainConfig, values, where=path.name)

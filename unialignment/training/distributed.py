@@ -6,6 +6,7 @@ a plain `python scripts/train.py` is a world of one. NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> DistributedContext:
-    """Join (or, alone, create) the process group; every rank calls this once, first."""
+def init_distributed(timeout_minutes: float = 120) -> DistributedContext:
+    """Join (or, alone, create) the process group; every rank calls this once, first. `timeout_minutes` bounds how
+    long a collective waits for a rank: long enough for rank 0 to index a large dataset while the others wait at
+    the barrier (`scripts/index_data.py` builds the indexes before the job, so it need not)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -50,7 +53,8 @@ def init_distributed() -> DistributedContext:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistributedContext(rank, world_size, local_rank, device)
 
 

@@ -2,8 +2,8 @@
 
 A full fp32 copy of a 2.1 B-parameter model per rank would cost 8.5 GB on every GPU. Instead each rank keeps the
 average of the weights it owns: under ZeRO-3 its partition of every parameter (`param.ds_tensor`), under ZeRO
-0-2 every `world_size`-th parameter. Each rank saves its own shard with the checkpoint; `gather` assembles the
-full averaged weights on rank 0 for export.
+0-2 every `world_size`-th parameter. `gather` assembles the full averaged weights on rank 0, which a checkpoint
+stores once; `load_full` takes a rank's shard back out of them, for any world size.
 """
 
 from __future__ import annotations
@@ -38,11 +38,8 @@ class ShardedEMA:
         for name, shadow in self.shadow.items():
             shadow.lerp_(self._local(self.parameters[name]).float(), 1.0 - self.decay)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's shard, keyed by parameter name."""
-        return {name: tensor.cpu() for name, tensor in self.shadow.items()}
-
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """This rank's shard as checkpoints before `load_full` stored it (per rank, for the same world size)."""
         if set(state) != set(self.shadow):
             raise ValueError(
                 "the EMA shard does not match this rank's parameters (was the run resumed with another world size "
@@ -55,6 +52,24 @@ class ShardedEMA:
                     f"expected {tuple(self.shadow[name].shape)}"
                 )
             self.shadow[name].copy_(tensor)
+
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Take this rank's shard out of the full averaged weights (`gather`'s result, as a checkpoint stores it),
+        whatever the world size that wrote them: under ZeRO-3 this rank's partition of each flattened parameter,
+        otherwise the whole tensors of the parameters this rank owns."""
+        missing = sorted(set(self.parameters) - set(full))
+        if missing:
+            raise ValueError(f"the stored EMA lacks {len(missing)} parameters of this model, e.g. {missing[0]}")
+        for name, shadow in self.shadow.items():
+            param, tensor = self.parameters[name], full[name].float()
+            if _is_zero3_param(param):
+                flat = tensor.flatten().to(shadow.device)
+                size = shadow.numel()
+                padded = torch.nn.functional.pad(flat, (0, size * self.world_size - flat.numel()))
+                shadow.copy_(padded[self.rank * size : (self.rank + 1) * size])
+            else:
+                shadow.copy_(tensor.view_as(shadow))
 
     @torch.no_grad()
     def gather(self) -> dict[str, torch.Tensor] | None:

@@ -9,6 +9,7 @@ exports are ordinary `from_pretrained` folders. Only rank 0 logs.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -17,28 +18,37 @@ from pathlib import Path
 
 import torch
 from mmengine.config import Config
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from unialignment.data.collate import Collator, RawBatch
 from unialignment.data.dataset import UniAlignmentDataset, build_task_groups
 from unialignment.data.feature_cache import components_fingerprint
 from unialignment.data.sampler import TaskMixingSampler
+from unialignment.errors import UserError
+from unialignment.files import atomic_path
 from unialignment.frozen.components import load_frozen_components
 from unialignment.training import checkpoint as ckpt
 from unialignment.training.builders import build_training, seed_run
 from unialignment.training.config import TrainConfig
 from unialignment.training.distributed import init_distributed
-from unialignment.training.metrics_log import MetricsLog
-from unialignment.training.samples import sample_outputs, write_samples
+from unialignment.training.metrics_log import MetricsLog, run_header
+from unialignment.training.preflight import check_image_sides
+from unialignment.training.samples import sample_grids, sample_outputs, sampling_model, write_samples
 from unialignment.training.step import StepResult, optimizer_step
+from unialignment.training.validation import Validation
 
 logger = logging.getLogger("unialignment.train")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint that could not be written; the message names it, where, and the last complete one."""
 
 
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.ctx = init_distributed()
+        self.ctx = init_distributed(config.distributed_timeout_minutes)
         self.work_dir = Path(config.work_dir)
         self._set_up_run_folder()
         if self.ctx.device.type == "cpu":
@@ -52,17 +62,27 @@ class Trainer:
         trainable = sum(p.numel() for p in self.rig.engine.module.parameters() if p.requires_grad)
         logger.info("trainable parameters: %.3f M", trainable / 1e6)
         self._build_data()
-        self.step, self.skipped_steps, self.nonfinite_in_a_row = 0, 0, 0
+        validation = config.validation
+        self.validation = (
+            Validation(self.rig, self.rig.size_multiple) if validation.every_steps and validation.groups else None
+        )
+        self.step, self.skipped_steps, self.nonfinite_in_a_row, self.data_seconds = 0, 0, 0, 0.0
         self._resume()
 
     # --- set-up ----------------------------------------------------------------------------------------------
 
     def _set_up_run_folder(self) -> None:
         if self.ctx.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            # The merged, checked config, so a run folder says exactly what ran.
-            Config(self.config.to_dict()).dump(str(self.work_dir / "config.py"))
-            handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(self.work_dir / "train.log")]
+            try:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                # The merged, checked config, so a run folder says exactly what ran: as JSON for whatever reads the
+                # run folder later (data, never executed), and as the mmengine file a user can start from.
+                with atomic_path(self.work_dir / "config.json") as temporary:
+                    temporary.write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+                Config(self.config.to_dict()).dump(str(self.work_dir / "config.py"))
+                handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(self.work_dir / "train.log")]
+            except OSError as error:
+                raise UserError(f"work_dir: the run folder {self.work_dir} cannot be written: {error}") from None
         else:  # other ranks speak only to warn (a replaced sample, a skipped step), so nothing they see is lost
             handlers = [logging.StreamHandler(sys.stderr)]
         for handler in handlers:
@@ -90,6 +110,10 @@ class Trainer:
                     size_multiple=self.rig.size_multiple,
                 )
             self.ctx.barrier()
+        max_side = self.rig.engine.module.config.pos_embed_max_size * self.rig.size_multiple
+        check_image_sides(
+            config, [side for group in self.groups for bucket in group.pool_buckets for side in bucket], max_side
+        )
         for group in self.groups:
             logger.info(
                 "task group %s: %d records in %d pools, weight %s",
@@ -147,7 +171,10 @@ class Trainer:
         ckpt.restore_rng_state(rank_state["rng"], self.rig.generator)
         self.nonfinite_in_a_row = rank_state["nonfinite_in_a_row"]
         if self.rig.ema is not None:
-            self.rig.ema.load_state_dict(rank_state["ema"])
+            if (folder / ckpt.EMA_FILE).is_file():
+                self.rig.ema.load_full(load_file(folder / ckpt.EMA_FILE))
+            else:  # written before the whole EMA was stored: this rank's shard
+                self.rig.ema.load_state_dict(rank_state["ema"])
         logger.info("resumed from %s at step %d", folder, self.step)
 
     def save_checkpoint(self) -> None:
@@ -161,42 +188,64 @@ class Trainer:
                 "sampler": self.sampler.state_dict(next_step=self.step),
             }
         }
-        self.rig.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        ema = self.rig.ema
-        rank_state = {
-            "ema": ema.state_dict() if ema is not None else {},
-            "rng": ckpt.rng_state(self.rig.generator),
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-        }
-        ckpt.save_rank_state(root / tag, self.ctx.rank, rank_state)
-        self.ctx.barrier()
-        if self.config.checkpoint.export:
-            self.export(tag)
+        try:
+            self.rig.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+            # The whole EMA, gathered (a collective) and written once: any world size can take its shard from it.
+            ema = self.rig.ema.gather() if self.rig.ema is not None else None
+            if ema is not None:
+                save_file(ema, root / tag / ckpt.EMA_FILE)
+            rank_state = {"rng": ckpt.rng_state(self.rig.generator), "nonfinite_in_a_row": self.nonfinite_in_a_row}
+            ckpt.save_rank_state(root / tag, self.ctx.rank, rank_state)
+            self.ctx.barrier()
+            if self.config.checkpoint.export:
+                self.export(tag, ema)
+        except (OSError, RuntimeError) as error:
+            # torch.save reports a failed write as a RuntimeError from its zip writer ("[enforce fail at
+            # inline_container.cc] ... file write failed" or "unexpected pos"): that is a write failure too.
+            if isinstance(error, RuntimeError) and not any(
+                clue in str(error) for clue in ("inline_container", "enforce fail", "writ")
+            ):
+                raise
+            self._give_up_checkpoint(tag, error)
         self.ctx.barrier()
         if self.ctx.is_main:
+            # `latest` first: the export links never point past the last complete checkpoint.
             ckpt.write_latest(self.work_dir, tag)
+            ckpt.point_export(self.work_dir, tag)
             for removed in ckpt.prune_checkpoints(self.work_dir, self.config.checkpoint.keep_last):
-                logger.info("removed old checkpoint %s", removed)
+                logger.info("removed old checkpoint %s (and its export)", removed)
             logger.info("checkpoint %s written", root / tag)
         self.ctx.barrier()
 
-    def export(self, tag: str) -> None:
-        """`export/<tag>/raw` and `export/<tag>/ema` as transformer folders (LoRA runs: adapter weights only)."""
+    def _give_up_checkpoint(self, tag: str, error: Exception) -> None:
+        """A checkpoint that could not be written (a full disk, a read-only folder): remove what was written of it,
+        so no resume can pick it, and stop with the paths and the last complete checkpoint."""
+        if self.ctx.is_main:
+            ckpt.remove_checkpoint(self.work_dir, tag)
+        last = ckpt.latest_checkpoint(self.work_dir)
+        raise CheckpointWriteError(
+            f"checkpoint {tag} could not be written to {ckpt.checkpoint_root(self.work_dir) / tag}: {error}. "
+            f"The last complete checkpoint is {last or 'none (no checkpoint was completed yet)'}; free space or fix "
+            "the folder's permissions, then resume."
+        ) from None
+
+    def export(self, tag: str, ema: dict[str, torch.Tensor] | None) -> None:
+        """`export/<tag>/raw` and `export/<tag>/ema` as transformer folders (LoRA runs: adapter weights only).
+        `ema`: the gathered averages (on rank 0)."""
         engine = self.rig.engine
-        if self.config.deepspeed.zero_stage == 3:
-            raw = engine._zero3_consolidated_16bit_state_dict()  # a collective; the full dict on rank 0
-        else:
-            raw = engine.module.state_dict() if self.ctx.is_main else None
-        ema = self.rig.ema.gather() if self.rig.ema is not None else None  # a collective too
+        raw = self._full_state_dict()
         if self.ctx.is_main:
             ckpt.export_weights(self.work_dir, tag, engine.module, raw, ema, lora=self.config.model.lora_rank > 0)
 
     # --- the loop --------------------------------------------------------------------------------------------
 
     def _micro_batches(self, batches: Iterator[RawBatch]) -> Iterator[RawBatch]:
-        """The loader's batches of the current step, checked to belong to it."""
+        """The loader's batches of the current step, checked to belong to it; the time spent waiting for them is
+        added to `self.data_seconds`."""
         for micro_step in range(self.rig.accumulation):
+            waiting = time.perf_counter()
             raw = next(batches)
+            self.data_seconds += time.perf_counter() - waiting
             if (raw.step, raw.micro_step) != (self.step, micro_step):
                 raise RuntimeError(
                     f"data out of step: got step {raw.step}.{raw.micro_step}, training {self.step}.{micro_step}"
@@ -206,27 +255,46 @@ class Trainer:
             yield raw
 
     def train(self) -> None:
-        config = self.config
+        config, settings = self.config, self.config.logging
         batches = iter(self._loader())
         self.rig.engine.train()
-        log_settings = config.logging
-        with MetricsLog(self.work_dir, self.ctx.is_main, config.max_steps, self.step, log_settings.every_steps) as log:
+        log = MetricsLog(
+            self.work_dir, self.ctx.is_main, config.max_steps, self.step, settings.every_steps, settings.tracker,
+            config.to_dict(),
+        )  # fmt: skip
+        with log:
+            header = run_header(config, self.ctx.world_size, self.rig.accumulation, self.work_dir / "config.json")
+            logger.info("%s", header)
+            log.text("run/header", header, self.step)
+            if self.step == 0 and settings.sample_every_steps:
+                self.log_samples(log)  # the untrained baseline every later grid compares with
             while self.step < config.max_steps:
-                started = time.perf_counter()
+                started, self.data_seconds = time.perf_counter(), 0.0
+                if self.ctx.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.ctx.device)
                 result = optimizer_step(self.rig, self._micro_batches(batches))
                 self._count_skipped(result)
                 self.step += 1
                 log.write(self.step, self._record(result, time.perf_counter() - started))
-                if self.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
-                    raise RuntimeError(
-                        f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient; "
-                        f"stopping. The last complete checkpoint is {ckpt.latest_checkpoint(self.work_dir)}; lower "
-                        "the learning rate or check the data before resuming."
-                    )
-                if log_settings.sample_every_steps and self.step % log_settings.sample_every_steps == 0:
-                    self.log_samples(log.writer)
-                if self.step % config.checkpoint.every_steps == 0 or self.step == config.max_steps:
-                    self.save_checkpoint()
+                self._periodic(log)
+
+    def _periodic(self, log: MetricsLog) -> None:
+        """What happens after a step: the stop on too many non-finite steps, samples, validation, checkpoints."""
+        config, every = self.config, self.config.logging.sample_every_steps
+        if self.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+            raise RuntimeError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient; stopping. The "
+                f"last complete checkpoint is {ckpt.latest_checkpoint(self.work_dir)}; lower the learning rate or "
+                "check the data before resuming."
+            )
+        if every and self.step % every == 0:
+            self.log_samples(log)
+        if self.validation is not None and self.step % config.validation.every_steps == 0:
+            record = self.validation.run()
+            log.scalars(record, self.step)
+            logger.info("step %d validation %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
+        if self.step % config.checkpoint.every_steps == 0 or self.step == config.max_steps:
+            self.save_checkpoint()
 
     def _count_skipped(self, result: StepResult) -> None:
         if result.applied:
@@ -237,11 +305,17 @@ class Trainer:
         logger.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step, self.nonfinite_in_a_row)
 
     def _record(self, result: StepResult, elapsed: float) -> dict[str, float]:
-        """The step's scalars for `metrics.jsonl` and TensorBoard."""
+        """The step's scalars: every loss term in total and for the step's task group (`loss/image/t2i`, so that
+        alternating groups give smooth curves), the schedule, the counts, time waiting for data against time
+        computing, throughput, and on GPUs memory and MFU."""
+        group = self.groups[result.group].name
         record = {
             **{f"loss/{name}": value for name, value in result.losses.items()},
+            **{f"loss/{name}/{group}": value for name, value in result.losses.items()},
             "lr": self.rig.lr_scheduler.get_last_lr()[0],
             "samples_per_s": self.config.batch.global_batch_size / elapsed,
+            "time/step_s": elapsed,
+            "time/data_s": self.data_seconds,
             "replaced_samples": result.replaced_samples,
             "truncated_texts": result.truncated_texts,
             "skipped_steps": self.skipped_steps,
@@ -251,13 +325,31 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             peak = self.config.logging.peak_tflops * 1e12 * self.ctx.world_size
             record["mfu"] = result.flops / elapsed / peak
+            record["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+            record["memory/reserved_gib"] = torch.cuda.memory_reserved(self.ctx.device) / 2**30
         return record
 
-    def log_samples(self, writer) -> None:
-        """Samples into the run folder and TensorBoard. Under ZeRO-3 every rank takes part; rank 0 writes."""
-        if self.config.deepspeed.zero_stage != 3 and not self.ctx.is_main:
-            return
-        outputs, captions = sample_outputs(self.rig)
+    def log_samples(self, log: MetricsLog) -> None:
+        """Labelled sample grids from the EMA (or raw) weights into the run folder and the tracker. The weights are
+        gathered by every rank (collectives); rank 0 samples and writes."""
+        engine, ema = self.rig.engine, self.rig.ema
+        raw = self._full_state_dict()
+        use_ema = self.config.logging.sample_weights == "ema" and ema is not None
+        averaged = ema.gather() if use_ema else None
         if self.ctx.is_main:
+            model = sampling_model(engine.module, raw, averaged, self.ctx.device)
+            outputs, captions = sample_outputs(model, self.components, self.config)
+            del model
+            grids = sample_grids(self.config, outputs, captions)
             folder = self.work_dir / "samples" / ckpt.tag_for_step(self.step)
-            write_samples(folder, outputs, captions, self.config.logging.caption_images, writer, self.step)
+            write_samples(folder, grids, captions, self.config.logging.caption_images)
+            for name, grid in grids.items():
+                log.image(f"samples/{name}", grid, self.step)
+        self.ctx.barrier()
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The transformer's whole state on rank 0 (None elsewhere); under ZeRO-3 a collective."""
+        engine = self.rig.engine
+        if self.config.deepspeed.zero_stage == 3:
+            return engine._zero3_consolidated_16bit_state_dict()
+        return engine.module.state_dict() if self.ctx.is_main else None
