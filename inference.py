@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe = load_pipeline(args["model"], args["device"], DTYPES.get(args["dtype"]), args["cpu_offload"])
             if args["lora"] is not None:
                 pipe.load_lora_weights(args["lora"])
+            if args["compile"] or args["cuda_graphs"]:
+                pipe.enable_fast_sampling(cuda_graphs=args["cuda_graphs"])
         except (OSError, ValueError) as error:  # a wrong folder or run; ConfigError and ExportError are ValueErrors
             print(f"error: cannot load {args['model']}: {error}", file=sys.stderr)
             return 2

@@ -26,8 +26,8 @@ model = dict(
         num_null_image_tokens=3,
         align_depth=2,
     ),
-    gradient_checkpointing=False,
 )
+speed = dict(gradient_checkpointing=False)
 components = dict(
     sd3=None,
     tokenizer="runs/debug_assets/components/tokenizer",

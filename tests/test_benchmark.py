@@ -38,12 +38,16 @@ def benchmark():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`python scripts/benchmark.py --tiny --json ...`: the printed tables (by section title) and the JSON."""
-    json_path = tmp_path_factory.mktemp("benchmark") / "results.json"
+def tiny_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("benchmark")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_out):
+    """`python scripts/benchmark.py --tiny --out ...`: the printed tables (by section title) and the JSON."""
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--tiny", "--json", str(json_path)],
+        [sys.executable, "scripts/benchmark.py", "--tiny", "--out", str(tiny_out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -51,7 +55,8 @@ def tiny_run(tmp_path_factory):
         env={**environment, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, f"benchmark --tiny failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return tables(result.stdout), json.loads(json_path.read_text())
+    assert (tiny_out / "results.md").read_text() in result.stdout
+    return tables(result.stdout), json.loads((tiny_out / "results.json").read_text())
 
 
 def tables(markdown: str) -> dict[str, list[dict[str, str]]]:
@@ -81,26 +86,70 @@ def positive(cell: str) -> float:
     return value
 
 
-def test_tiny_run_prints_every_row_with_positive_numbers(tiny_run):
+def test_tiny_run_prints_every_row_with_positive_numbers(tiny_run, benchmark):
     printed, results = tiny_run
+    args = benchmark["parse_args"](["--tiny"])
+    plan = benchmark["training_plan"](args, load_config(REPO / "configs" / "debug.py").batch.micro_batch_size)
     training = section(printed, "Training")
-    expected = set(itertools.product(("t2i", "edit"), map(str, TINY_RESOLUTIONS), ("online", "cache", "transformer")))
-    assert {(row["task"], row["px"], row["frozen features"]) for row in training} == expected
+    expected = [(r.task, str(r.resolution), r.features, r.levers, str(r.micro_batch)) for r in plan]
+    assert [(r["task"], r["px"], r["frozen features"], r["levers"], r["micro-batch"]) for r in training] == expected
+    # Each lever alone and all together, at the first resolution; every task and mode plain and with all levers.
+    assert {r.levers for r in plan} >= {"plain", "prefetch", "fused t2i passes", "masked text loss", "all"}
+    assert {(r.task, r.features) for r in plan if r.levers == "plain"} == set(
+        itertools.product(("t2i", "edit"), ("online", "cache", "transformer"))
+    )
     for row in training:
-        for column in ("samples/s", "ms / step (median)", "model TFLOP/s"):
+        for column in ("samples/s", "ms / step", "model TFLOP/s"):
             positive(row[column])
         assert row["steps applied"] == "3/3"  # 1 warm-up + 2 timed, none skipped, losses finite
-        assert row["MFU"] == "—"  # no GPU peak to compare a CPU with
+        assert row["MFU (data sheet)"] == "—"  # no GPU data sheet to compare a CPU with
+    for row in results["training"]:  # against the matmul peak measured in the same run
+        assert row["hfu"] >= row["mfu"] > 0
+        assert row["mfu"] == pytest.approx(row["tflops_per_s"] / results["matmul"]["tflops"])
+        assert row["hfu"] > row["mfu"] or row["hardware_flops_per_sample"] == row["flops_per_sample"]
 
-    (image,) = section(printed, "Text-to-image")
-    assert (image["px"], image["steps"], image["guidance"], image["batch"]) == ("64", "28", "7.0", "1")
+    images = section(printed, "Text-to-image")
+    assert [(r["mode"], r["px"], r["steps"], r["batch"]) for r in images] == [
+        ("eager", "64", "28", "1"), ("fast", "64", "28", "1"), ("fast", "64", "50", "1"),
+    ]  # fmt: skip
     captions = section(printed, "Captioning")
-    assert [row["batch"] for row in captions] == [str(batch) for batch in TINY_CAPTION_BATCHES]
+    assert [(r["mode"], r["batch"]) for r in captions] == [("eager", "1")] + [
+        ("fast", str(batch)) for batch in TINY_CAPTION_BATCHES
+    ]
     assert {row["steps"] for row in captions} == {"64"}
-    for row in [image, *captions]:
+    for row in [*images, *captions]:
         seconds, rate = positive(row["s / call (median)"]), positive(row.get("images/s") or row["captions/s"])
         assert rate == pytest.approx(int(row["batch"]) / seconds, rel=0.02)
-    assert "goals" not in results  # the issue's goals are for the full size on an H100
+    memory = section(printed, "Peak GPU memory")
+    assert {(r["task"], r["placement"]) for r in memory} == set(
+        itertools.product(("text-to-image", "caption"), ("full", "T5 offloaded", "sequential offload"))
+    )
+    assert "goals" not in results  # the goals are for the full size on an H200
+
+
+def test_every_row_is_written_as_it_finishes(tiny_run, tiny_out):
+    _, results = tiny_run
+    written = [json.loads(path.read_text()) for path in sorted((tiny_out / "rows").glob("*.json"))]
+    assert written[0]["section"] == "header" and written[0]["matmul"]["tflops"] > 0
+    by_section = {}
+    for row in written[1:]:
+        by_section.setdefault(row.pop("section"), []).append(row)
+    for name in ("text_to_image", "caption", "memory"):
+        assert by_section[name] == results[name]
+    assert by_section["train"] == json.loads(json.dumps(results["training"]))
+
+
+def test_a_row_past_the_time_budget_is_skipped_and_a_failing_row_recorded(benchmark):
+    workload = sys.modules[benchmark["benchmark_training"].__module__]
+    device = torch.device("cpu")
+    assert workload.guarded({"a": 1}, lambda: {"b": 2}, workload.Deadline(None), device) == {"a": 1, "b": 2}
+    skipped = workload.guarded({"a": 1}, lambda: {"b": 2}, workload.Deadline(-1.0), device)
+    assert skipped == {"a": 1, "status": "skipped: time budget"}
+
+    def failing():
+        raise RuntimeError("boom\nmore")
+
+    assert workload.guarded({"a": 1}, failing, workload.Deadline(None), device)["status"] == "error: RuntimeError: boom"
 
 
 def test_printed_flops_match_the_flops_module(tiny_run):
@@ -195,3 +244,11 @@ def test_random_weights_are_drawn_on_the_device_with_ties_and_buffers_kept():
         transformer.pos_embed.pos_embed.float(), reference.pos_embed.pos_embed, atol=1e-2, rtol=0
     )
     assert not any(p.is_meta for p in transformer.parameters())
+
+
+def test_dataloader_benchmark_times_every_source_task_and_decoding():
+    dataloader = runpy.run_path(str(REPO / "scripts" / "benchmark_dataloader.py"), run_name="benchmark_dataloader")
+    rows = dataloader["main"](["--resolution", "64", "--images", "2", "--samples", "4", "--batch", "2"])
+    combinations = {(r["task"], r["source"], r["draft"], r["uint8"]) for r in rows}
+    assert len(combinations) == len(rows) == 12  # (t2i, edit) x (jpg full/draft, png full) x (float32, uint8)
+    assert all(row["samples_per_s"] > 0 for row in rows)

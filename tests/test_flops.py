@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from unialignment.training.flops import training_flops_per_sample, transformer_flops
+from unialignment.training.flops import recomputed_flops_per_sample, training_flops_per_sample, transformer_flops
 
 REFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unialignment_transformer_config.json"
 SD3_MEDIUM = dict(
@@ -56,3 +56,16 @@ def test_tiny_config_by_hand():
     text_pass = transformer_flops(config, 4, 3, text_head=True, image_head=False)
     assert text_pass == 2 * text_block + context + 2 * 12 * 8 * 4 + text_head
     assert training_flops_per_sample(config, 4, 3, condition_tokens=2) == 3 * (image_pass + text_pass)
+
+
+def test_recomputation_adds_the_checkpointed_blocks_forward():
+    # SD3-medium at 512 px t2i: one block of one pass at T = 1280 is 1280 x 24 D^2 + 4 x 1280^2 D.
+    block = 1280 * 24 * 1536**2 + 4 * 1280**2 * 1536
+    assert recomputed_flops_per_sample(SD3_MEDIUM, 1024, 256, checkpoint_every=0) == 0
+    assert recomputed_flops_per_sample(SD3_MEDIUM, 1024, 256, checkpoint_every=1) == 2 * 24 * block
+    assert recomputed_flops_per_sample(SD3_MEDIUM, 1024, 256, checkpoint_every=2) == 2 * 12 * block
+    # every 5th of 24 blocks: 4 of them (blocks 5, 10, 15, 20) in each pass
+    assert recomputed_flops_per_sample(SD3_MEDIUM, 1024, 256, checkpoint_every=5) == 2 * 4 * block
+    # an edit's image-stream pass also carries the 1024 condition tokens; its text-stream pass does not
+    edit_block = 2304 * 24 * 1536**2 + 4 * 2304**2 * 1536
+    assert recomputed_flops_per_sample(SD3_MEDIUM, 1024, 256, 1024, checkpoint_every=1) == 24 * (block + edit_block)

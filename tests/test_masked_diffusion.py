@@ -430,6 +430,32 @@ def test_unmask_first_cache_saves_calls_and_gives_identical_samples(seed):
     assert without_cache.num_denoiser_calls == uncached.num_calls >= 64
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unmask_first_drawing_only_where_positions_unmask_gives_the_ids_of_drawing_everywhere(seed):
+    """With the cache a step draws tokens only at the positions that unmask; without it, at every position. A
+    denoiser whose logits depend on the whole input (as the network's do) makes both see the same ids each step."""
+    vocab_size, mask_id = 11, 7
+    table = torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(100 + seed))
+
+    def denoiser(noisy_ids):
+        context = torch.nn.functional.one_hot(noisy_ids, vocab_size).float().mean(dim=1, keepdim=True)  # (B, 1, V)
+        return (torch.nn.functional.one_hot(noisy_ids, vocab_size).float() + context) @ table
+
+    start_ids = torch.full((5, 9), mask_id)
+    start_ids[1, :3] = torch.tensor([1, 2, 3])  # a prompted row
+
+    def run(use_cache):
+        generator = torch.Generator().manual_seed(seed)
+        return sample_masked_diffusion(
+            denoiser, start_ids, mask_id, 96, use_cache=use_cache, generator=generator, noise="unmask_first"
+        )
+
+    gathered, everywhere = run(True), run(False)
+    assert torch.equal(gathered.token_ids, everywhere.token_ids)
+    assert gathered.num_denoiser_calls < everywhere.num_denoiser_calls == 96
+    assert (gathered.token_ids != mask_id).all() and gathered.token_ids[1, :3].tolist() == [1, 2, 3]
+
+
 def test_unmask_first_generator_per_row_samples_each_row_as_it_would_alone():
     rows = 6
     start_ids = torch.full((rows, 3), SAMPLER_MASK_ID)

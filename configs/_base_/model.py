@@ -2,6 +2,17 @@
 model = dict(
     load_from=None,
     config=dict(),  # transformer config overrides; empty = the SD3-medium / released layout
-    gradient_checkpointing=True,
     lora_rank=0,
+)
+# How the step is computed (never what): each switch is tested equal to the plain path; see BENCHMARKS.md for what
+# each one gains on a GPU. Activation checkpointing: False, True (every block) or k (every k-th block).
+speed = dict(
+    gradient_checkpointing=True,
+    compile_blocks=False,
+    fuse_t2i_passes=False,
+    masked_text_loss=False,
+    prefetch=False,
+    uint8_pixels=False,
+    teacher_inputs_in_workers=False,
+    compile_text_encoder=False,
 )

@@ -160,9 +160,9 @@ def build_task_groups(
 
 @dataclass
 class Sample:
-    """One prepared sample: pixels (3, H, W) float32 in [-1, 1], or, from the offline cache, the frozen
-    components' features instead. `replaced` lists "file:line: reason" for every sample that failed to load and
-    was replaced to produce this one."""
+    """One prepared sample: pixels (3, H, W) float32 in [-1, 1] (or uint8 in [0, 255]), or, from the offline
+    cache, the frozen components' features instead. `replaced` lists "file:line: reason" for every sample that
+    failed to load and was replaced to produce this one."""
 
     task: TaskKind
     group: int
@@ -197,13 +197,19 @@ class UniAlignmentDataset(Dataset):
         max_attempts: int = 16,
         use_feature_cache: bool = False,
         components_fingerprint: str | None = None,
+        uint8_pixels: bool = False,
+        draft_decode: bool = False,
     ):
         """`components_fingerprint` (`feature_cache.components_fingerprint` of the run's frozen components) is
-        required with `use_feature_cache`: a cache written by other components is not used."""
+        required with `use_feature_cache`: a cache written by other components is not used. `uint8_pixels`: samples
+        carry uint8 pixels in [0, 255] (`transforms.to_uint8_pixels`). `draft_decode`: large JPEGs are decoded at a
+        reduced scale (`transforms.load_image`)."""
         if use_feature_cache and components_fingerprint is None:
             raise ValueError("use_feature_cache needs the components_fingerprint of the run's frozen components")
         self.groups = groups
         self.max_attempts = max_attempts
+        self.uint8_pixels = uint8_pixels
+        self.draft_decode = draft_decode
         # Per group, one cache reader per file, or None: a group uses its cache for all files or for none, so a
         # batch never mixes cached features with pixels.
         self.cache_readers: list[list[FeatureCacheReader] | None] = [None] * len(groups)
@@ -237,9 +243,12 @@ class UniAlignmentDataset(Dataset):
             num_sources, features = reader.row(row)
         else:
             height, width = group.pool_buckets[key.bucket]
-            target = load_image(record.target_image)
-            sources = [load_image(path) for path in record.source_images]
-            target_pixels, source_pixels = prepare_images(target, sources, height, width, group.size_multiple)
+            cover = (height, width) if self.draft_decode else None
+            target = load_image(record.target_image, cover)
+            sources = [load_image(path, cover) for path in record.source_images]
+            target_pixels, source_pixels = prepare_images(
+                target, sources, height, width, group.size_multiple, self.uint8_pixels
+            )
             num_sources = len(source_pixels)
         return Sample(
             record.task,

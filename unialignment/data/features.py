@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -30,7 +32,9 @@ from unialignment.data.feature_cache import (
 from unialignment.data.jsonl_index import JsonlIndex
 from unialignment.data.sampler import SampleKey
 from unialignment.data.transforms import IMAGE_ERRORS, SD3_SIZE_MULTIPLE
+from unialignment.diffusion.draws import MicroStepDraws
 from unialignment.frozen.components import FrozenComponents
+from unialignment.frozen.text_encoder import TokenizedText
 from unialignment.frozen.vae import FrozenVAE, pixels_to_pil
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ class TrainingBatch:
         image and of the caption; None skips that alignment term.
     text_stream_latents: (B, C, H, W) the clean image the text stream sees; defaults to target_latents.
         Text-only samples use the null image: pass `text_stream_uses_null_image=True`.
+    draws: the micro-step's random numbers when they were drawn ahead (`prepare_training_batch` with `draw`);
+        None lets the objective draw them.
     """
 
     target_latents: torch.Tensor
@@ -63,6 +69,7 @@ class TrainingBatch:
     teacher_text_targets: torch.Tensor | None = None
     text_stream_latents: torch.Tensor | None = None
     text_stream_uses_null_image: bool = False
+    draws: MicroStepDraws | None = None
 
 
 @torch.no_grad()
@@ -77,10 +84,21 @@ def compute_features(batch: RawBatch, components: FrozenComponents) -> dict[str,
         features[f"source_{slot}_mean"], features[f"source_{slot}_std"] = vae.latent_distribution(pixels)
     features["prompt_embeds"] = t5.encode_ids(batch.prompt_ids.to(t5.device))
     if components.teacher is not None:
-        # The teacher sees the image whose caption the text stream models: the (edited) target.
-        features["teacher_image"] = components.teacher.image_targets(pixels_to_pil(batch.target_pixels))
-        features["teacher_text"] = components.teacher.text_targets(batch.captions)
+        features["teacher_image"], features["teacher_text"] = _teacher_features(batch, components)
     return features
+
+
+@torch.no_grad()
+def _teacher_features(batch: RawBatch, components: FrozenComponents) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The teacher's image and text targets, or (None, None) without a teacher. The teacher sees the image whose
+    caption the text stream models: the (edited) target. Inputs the DataLoader workers prepared are used as they
+    are (`RawBatch.teacher_inputs`)."""
+    teacher = components.teacher
+    if teacher is None:
+        return None, None
+    if batch.teacher_inputs is not None:
+        return teacher.targets_from_inputs(batch.teacher_inputs)
+    return teacher.image_targets(pixels_to_pil(batch.target_pixels)), teacher.text_targets(batch.captions)
 
 
 def to_training_batch(
@@ -117,10 +135,83 @@ def prepare_training_batch(
     generator: torch.Generator | None,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
+    draw: Callable[[torch.Size, TokenizedText], MicroStepDraws] | None = None,
 ) -> TrainingBatch:
-    """Cached features when the batch carries them, else the frozen components online."""
-    features = batch.features if batch.features is not None else compute_features(batch, components)
-    return to_training_batch(batch, features, components.vae, generator, device, dtype)
+    """Cached features when the batch carries them, else the frozen components online.
+
+    With `draw` (the objective's draws for a latent shape and the caption; `speed.prefetch`), every random number of
+    the micro-step is drawn on the host first, in the plain path's order (latent noise of the target and of each
+    condition slot, then `draw`), and the batch goes to the device without a synchronisation: host tensors are
+    copied with `non_blocking`, the latents are drawn on the device from host noise, and the prompts that condition
+    dropout replaces are not encoded. The batch is the plain path's, number for number."""
+    if draw is None:
+        features = batch.features if batch.features is not None else compute_features(batch, components)
+        return to_training_batch(batch, features, components.vae, generator, device, dtype)
+    return _prepare_ahead(batch, components, generator, device, dtype, draw)
+
+
+def _prepare_ahead(
+    batch: RawBatch,
+    components: FrozenComponents,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    draw: Callable[[torch.Size, TokenizedText], MicroStepDraws],
+) -> TrainingBatch:
+    vae, t5, cached = components.vae, components.t5, batch.features
+    non_blocking = torch.device(device).type == "cuda"
+
+    def to_device(tensor: torch.Tensor, to_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return tensor.to(device, non_blocking=non_blocking).to(to_dtype or tensor.dtype)
+
+    names = ["target", *(f"source_{slot}" for slot in range(batch.num_sources))]
+    if cached is not None:
+        shapes = [cached[f"{name}_mean"].shape for name in names]
+    else:
+        pixels = [batch.target_pixels, *batch.source_pixels]
+        factor, channels = vae.downsample_factor, vae.latent_channels
+        shapes = [torch.Size((p.shape[0], channels, p.shape[2] // factor, p.shape[3] // factor)) for p in pixels]
+    # Host draws first, in the plain path's order: `vae.sample_latents` per slot, then the objective's.
+    noises = [randn_tensor(shape, generator=generator, dtype=torch.float32) for shape in shapes]
+    draws = draw(shapes[0], batch.caption)
+
+    latents = []
+    for slot, (name, noise) in enumerate(zip(names, noises, strict=True)):
+        if cached is not None:
+            mean = to_device(cached[f"{name}_mean"], torch.float32)
+            std = to_device(cached[f"{name}_std"], torch.float32)
+        else:
+            mean, std = vae.latent_distribution(pixels[slot])
+        latents.append(vae.scale(mean.float() + std.float() * to_device(noise)).to(dtype))
+
+    if cached is not None:
+        prompt_embeds = to_device(cached["prompt_embeds"], dtype)
+        teacher_image, teacher_text = cached.get("teacher_image"), cached.get("teacher_text")
+    else:
+        prompt_embeds = _encode_kept_prompts(t5, batch.prompt_ids, draws.dropped).to(device, dtype)
+        teacher_image, teacher_text = _teacher_features(batch, components)
+    return TrainingBatch(
+        target_latents=latents[0],
+        prompt_embeds=prompt_embeds,
+        caption_ids=to_device(batch.caption.input_ids),
+        condition_latents=latents[1:] or None,
+        caption_score_mask=to_device(batch.caption.score_mask),
+        caption_attention_mask=to_device(batch.caption.attention_mask),
+        teacher_image_targets=None if teacher_image is None else to_device(teacher_image, torch.float32),
+        teacher_text_targets=None if teacher_text is None else to_device(teacher_text, torch.float32),
+        draws=draws.to(device, non_blocking=non_blocking),
+    )
+
+
+@torch.no_grad()
+def _encode_kept_prompts(t5, prompt_ids: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """T5 states of the prompts condition dropout keeps; the dropped rows are zeros (the objective puts the null
+    prompt's states there)."""
+    kept = (~dropped).nonzero().squeeze(1)  # on the host: no synchronisation
+    states = torch.zeros((prompt_ids.shape[0], prompt_ids.shape[1], t5.hidden_size), dtype=t5.dtype, device=t5.device)
+    if len(kept):
+        states[kept.to(t5.device)] = t5.encode_ids(prompt_ids[kept])
+    return states
 
 
 @torch.no_grad()

@@ -43,10 +43,19 @@ def check_size(height: int, width: int, multiple: int = SD3_SIZE_MULTIPLE) -> No
             )
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, cover: tuple[int, int] | None = None) -> Image.Image:
     """Open, fully decode (PIL decodes lazily, so a truncated file fails here) and convert to RGB with `to_rgb`.
-    Raises one of IMAGE_ERRORS when the file cannot be read."""
+    Raises one of IMAGE_ERRORS when the file cannot be read.
+
+    `cover` (height, width): the image will be resized to cover that size (`resize_and_center_crop`); a JPEG at
+    least twice as large is then decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode, in the DCT domain), still
+    covering it, which is several times faster than decoding every pixel and resizing them away. The pixels differ
+    slightly from a full decode, so it is a switch (`data.draft_decode`)."""
     with Image.open(path) as image:
+        if cover is not None and image.format == "JPEG":
+            scale = max(cover[0] / image.height, cover[1] / image.width)
+            if scale <= 0.5:
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         image.load()
         rgb = to_rgb(image)
         return rgb if rgb is not image else image.copy()  # closing the file releases the image it returned
@@ -87,16 +96,29 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
+def to_uint8_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB image -> uint8 tensor (3, H, W): a quarter of `to_pixels`' bytes to move; the VAE scales it to [-1, 1]
+    on its device (`unialignment.frozen.vae.uint8_to_pixels`, equal to `to_pixels` number for number)."""
+    return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
 def prepare_images(
-    target: Image.Image, sources: list[Image.Image], height: int, width: int, multiple: int = SD3_SIZE_MULTIPLE
+    target: Image.Image,
+    sources: list[Image.Image],
+    height: int,
+    width: int,
+    multiple: int = SD3_SIZE_MULTIPLE,
+    uint8: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Resize-crop the target and every source to the same (height, width) and scale to [-1, 1].
+    """Resize-crop the target and every source to the same (height, width) and scale to [-1, 1] (`uint8`: keep
+    [0, 255] as uint8, see `to_uint8_pixels`).
 
     Returns target pixels (3, height, width) and one (3, height, width) tensor per source.
     """
     check_size(height, width, multiple)
-    target_pixels = to_pixels(resize_and_center_crop(target, height, width))
-    source_pixels = [to_pixels(resize_and_center_crop(source, height, width)) for source in sources]
+    convert = to_uint8_pixels if uint8 else to_pixels
+    target_pixels = convert(resize_and_center_crop(target, height, width))
+    source_pixels = [convert(resize_and_center_crop(source, height, width)) for source in sources]
     return target_pixels, source_pixels
 
 

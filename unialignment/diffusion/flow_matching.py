@@ -94,11 +94,24 @@ def drop_condition(
     prompt_embeds (B, L, D), null_prompt_embeds (1, L, D) or (B, L, D). Returns the new states and
     the (B,) bool mask of dropped samples.
     """
-    batch_size = prompt_embeds.shape[0]
-    dropped = torch.rand(batch_size, generator=generator) < drop_probability
-    dropped = dropped.to(prompt_embeds.device)
+    dropped = draw_condition_dropout(prompt_embeds.shape[0], drop_probability, generator)
+    return apply_condition_dropout(prompt_embeds, null_prompt_embeds, dropped), dropped.to(prompt_embeds.device)
+
+
+def draw_condition_dropout(
+    batch_size: int, drop_probability: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B,) bool on the CPU: which samples lose their condition (`drop_condition`'s draw, made on its own so that it
+    can come before the prompts are encoded)."""
+    return torch.rand(batch_size, generator=generator) < drop_probability
+
+
+def apply_condition_dropout(
+    prompt_embeds: torch.Tensor, null_prompt_embeds: torch.Tensor, dropped: torch.Tensor
+) -> torch.Tensor:
+    """The prompt states with the `dropped` (B,) samples' replaced by the null prompt's."""
     null = null_prompt_embeds.to(prompt_embeds.dtype).expand_as(prompt_embeds)
-    return torch.where(dropped.view(-1, 1, 1), null, prompt_embeds), dropped
+    return torch.where(dropped.to(prompt_embeds.device).view(-1, 1, 1), null, prompt_embeds)
 
 
 def guided_velocity(velocity: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -124,6 +137,9 @@ def sample_rectified_flow(
     The scheduler's own config (its shift) decides the sigmas; `set_timesteps` is called here.
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    # The loop starts at the first timestep: said up front, the scheduler does not look its index up on the device
+    # (a host synchronisation) at the first step.
+    scheduler.set_begin_index(0)
     use_guidance = guidance_scale > 1.0
     timesteps = scheduler.timesteps
     for timestep in progress(timesteps) if progress is not None else timesteps:

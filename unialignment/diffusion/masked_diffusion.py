@@ -92,7 +92,7 @@ def mask_tokens(
     return torch.where(to_mask, mask_token_id, input_ids)
 
 
-def _subs_mask_bias(vocab_size: int, mask_token_id: int, device: torch.device) -> torch.Tensor:
+def subs_mask_bias(vocab_size: int, mask_token_id: int, device: torch.device) -> torch.Tensor:
     """(V,) float32 added to the logits by SUBS: NEG_INF at the mask token, 0 elsewhere."""
     mask_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
     mask_bias[mask_token_id] = NEG_INF
@@ -113,7 +113,7 @@ def subs_log_probs(logits: torch.Tensor, noisy_ids: torch.Tensor, mask_token_id:
         (B, L, V) float32 log probabilities.
     """
     vocab_size = logits.shape[-1]
-    mask_bias = _subs_mask_bias(vocab_size, mask_token_id, logits.device)
+    mask_bias = subs_mask_bias(vocab_size, mask_token_id, logits.device)
     log_probs = torch.log_softmax(logits.float() + mask_bias, dim=-1)
 
     is_observed = F.one_hot(noisy_ids, num_classes=vocab_size).bool()
@@ -163,7 +163,7 @@ def masked_diffusion_loss(
         normalization: "batch_length" divides by B * L (reference: padding is EOS and is counted);
             "real_tokens" divides by the number of scored real tokens and zeroes the others.
     """
-    scored, num_tokens = _scored_tokens(clean_ids, score_mask, attention_mask, normalization)
+    scored, num_tokens = scored_tokens(clean_ids, score_mask, attention_mask, normalization)
     clean_log_probs = log_probs.gather(-1, clean_ids[..., None]).squeeze(-1)
     weight = nelbo_weight(sigma, dsigma).reshape(-1, 1)
     token_nll = -clean_log_probs * weight
@@ -171,13 +171,14 @@ def masked_diffusion_loss(
     return MaskedDiffusionLoss(loss=token_nll.sum() / num_tokens, token_nll=token_nll, num_tokens=num_tokens)
 
 
-def _scored_tokens(
+def scored_tokens(
     clean_ids: torch.Tensor,
     score_mask: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     normalization: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) bool of the scored tokens and the loss's normaliser, shared by both forms of the loss."""
+    """(B, L) bool of the scored tokens and the loss's normaliser, shared by both forms of the loss (and by
+    whoever computes the masked positions ahead, see `masked_positions`)."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     scored = torch.ones_like(clean_ids, dtype=torch.bool)
@@ -207,35 +208,39 @@ def masked_diffusion_loss_from_hidden_states(
     attention_mask: torch.Tensor | None = None,
     normalization: str = "batch_length",
     chunk_size: int = 1024,
+    masked_index: torch.Tensor | None = None,
 ) -> MaskedDiffusionLoss:
     """`masked_diffusion_loss` of SUBS on a linear text head, without materialising the (B, L, V) logits.
 
-    Under SUBS an unmasked position's log p(x_0 | x_t) does not depend on the network: 0 when it holds its clean
-    token (always, for x_t from `mask_tokens`) and NEG_INF otherwise, so it contributes a constant and no gradient,
-    and it is added as such (no precondition on the ids). Only masked, scored positions need the head. They are
-    gathered (one host sync: their count sets the shapes) and their float32 logits are computed `chunk_size`
-    positions at a time, each chunk under activation checkpointing: backward keeps the chunk's inputs, not its
-    (chunk_size, V) logits, and recomputes them. log p(x_0) = logit(x_0) - logsumexp(logits), the log-softmax
-    entry without the full log-softmax tensor.
+        Under SUBS an unmasked position's log p(x_0 | x_t) does not depend on the network: 0 when it holds its clean
+        token (always, for x_t from `mask_tokens`) and NEG_INF otherwise, so it contributes a constant and no gradient,
+        and it is added as such (no precondition on the ids). Only masked, scored positions need the head. They are
+        gathered (one host sync: their count sets the shapes) and their float32 logits are computed `chunk_size`
+        positions at a time (`masked_index`, when the caller computed them ahead with `masked_positions`, saves the
+    sync), each chunk under activation checkpointing: backward keeps the chunk's inputs, not its
+        (chunk_size, V) logits, and recomputes them. log p(x_0) = logit(x_0) - logsumexp(logits), the log-softmax
+        entry without the full log-softmax tensor.
 
-    Equals `masked_diffusion_loss(subs_log_probs(F.linear(hidden_states.float(), head_weight.float(),
-    head_bias.float()), noisy_ids, mask_token_id), clean_ids, ...)` up to float rounding, gradients included.
-    From bfloat16 states and weights the float32 head is more precise than a bfloat16 head whose logits are then
-    cast, so the loss differs from that path by the bfloat16 rounding of the logits.
+        Equals `masked_diffusion_loss(subs_log_probs(F.linear(hidden_states.float(), head_weight.float(),
+        head_bias.float()), noisy_ids, mask_token_id), clean_ids, ...)` up to float rounding, gradients included.
+        From bfloat16 states and weights the float32 head is more precise than a bfloat16 head whose logits are then
+        cast, so the loss differs from that path by the bfloat16 rounding of the logits.
 
-    Args:
-        hidden_states: (B, L, D) input of the text head (the final normed text states), any float dtype.
-        head_weight: (V, D) weight of the text head; head_bias: (V,) or None.
-        noisy_ids: (B, L) noisy ids x_t; clean_ids: (B, L) clean ids x_0.
-        sigma, dsigma, score_mask, attention_mask, normalization: as in `masked_diffusion_loss`.
-        mask_token_id: id of the mask token.
-        chunk_size: masked positions per chunk; the head's transient memory is a few chunk_size x V float32.
+        Args:
+            hidden_states: (B, L, D) input of the text head (the final normed text states), any float dtype.
+            head_weight: (V, D) weight of the text head; head_bias: (V,) or None.
+            noisy_ids: (B, L) noisy ids x_t; clean_ids: (B, L) clean ids x_0.
+            sigma, dsigma, score_mask, attention_mask, normalization: as in `masked_diffusion_loss`.
+            mask_token_id: id of the mask token.
+            chunk_size: masked positions per chunk; the head's transient memory is a few chunk_size x V float32.
+            masked_index: `masked_positions(noisy_ids, scored)` computed by the caller (on the host, before the ids
+                went to the device), or None to compute it here.
 
-    Returns:
-        `MaskedDiffusionLoss` whose token_nll is the full (B, L) tensor of `masked_diffusion_loss`.
+        Returns:
+            `MaskedDiffusionLoss` whose token_nll is the full (B, L) tensor of `masked_diffusion_loss`.
     """
     assert chunk_size >= 1, f"chunk_size must be at least 1, got {chunk_size}."
-    scored, num_tokens = _scored_tokens(clean_ids, score_mask, attention_mask, normalization)
+    scored, num_tokens = scored_tokens(clean_ids, score_mask, attention_mask, normalization)
     batch_size, length, hidden_size = hidden_states.shape
     weight = nelbo_weight(sigma, dsigma).reshape(-1, 1)
 
@@ -244,7 +249,8 @@ def masked_diffusion_loss_from_hidden_states(
     token_nll = -copy_log_probs * weight
     token_nll = token_nll * scored
 
-    masked_index = (is_masked & scored).flatten().nonzero().squeeze(1)  # host sync
+    if masked_index is None:
+        masked_index = masked_positions(noisy_ids, scored, mask_token_id)  # a host sync on an accelerator
     masked_states = hidden_states.reshape(-1, hidden_size).index_select(0, masked_index)
     masked_clean_ids = clean_ids.flatten().index_select(0, masked_index)
     masked_log_probs = _chunked_log_probs(
@@ -254,6 +260,12 @@ def masked_diffusion_loss_from_hidden_states(
     masked_nll = -masked_log_probs * masked_weight
     token_nll = token_nll.flatten().index_put((masked_index,), masked_nll).reshape(batch_size, length)
     return MaskedDiffusionLoss(loss=token_nll.sum() / num_tokens, token_nll=token_nll, num_tokens=num_tokens)
+
+
+def masked_positions(noisy_ids: torch.Tensor, scored: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """(N,) long: the flat positions (row * L + column) of the masked tokens among the `scored` (B, L) ones, the
+    only positions where the SUBS loss depends on the network."""
+    return ((noisy_ids == mask_token_id) & scored).flatten().nonzero().squeeze(1)
 
 
 def _chunked_log_probs(
@@ -269,7 +281,7 @@ def _chunked_log_probs(
     # Cast once, not per chunk: the chunks' weight gradients then accumulate in float32.
     head_weight = head_weight.float()
     head_bias = head_bias.float() if head_bias is not None else None
-    mask_bias = _subs_mask_bias(head_weight.shape[0], mask_token_id, head_weight.device)
+    mask_bias = subs_mask_bias(head_weight.shape[0], mask_token_id, head_weight.device)
     # At least one chunk, empty when nothing is masked: the head stays in the graph and gets zero gradients
     # rather than none (data parallel training expects every parameter to get one).
     chunks = [

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 import torch
 
-from unialignment.diffusion.masked_diffusion import subs_log_probs
+from unialignment.diffusion.masked_diffusion import subs_log_probs, subs_mask_bias
 
 SamplerNoise = Literal["gumbel", "unmask_first"]
 SAMPLER_NOISES = get_args(SamplerNoise)
@@ -146,15 +146,52 @@ def _unmask_first_step(
     Returns:
         (B, L) long x_s.
     """
+    sampled_ids = _inverse_cdf(cumulative_p_x0, token_uniform)
+    unmask = (noisy_ids == mask_token_id) & (unmask_uniform < (t - s) / t)
+    return torch.where(unmask, sampled_ids, noisy_ids)
+
+
+def _inverse_cdf(cumulative_p_x0: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(...) token ids drawn from (..., V) running sums of p_x0 by (...) uniforms in [0, 1)."""
     # Scaled by the row's own total rather than 1, which absorbs the rounding of the running sum. u < 1 keeps the
     # target below the total, and right=True returns the first entry above it: a token with positive mass, never
     # a zero-mass one such as the mask token, even at u = 0.
     total = cumulative_p_x0[..., -1:]
-    target = token_uniform[..., None].to(cumulative_p_x0.dtype) * total
+    target = uniform[..., None].to(cumulative_p_x0.dtype) * total
     sampled_ids = torch.searchsorted(cumulative_p_x0, target, right=True).squeeze(-1)
-    sampled_ids = sampled_ids.clamp_max(cumulative_p_x0.shape[-1] - 1)  # a guard only, see above
-    unmask = (noisy_ids == mask_token_id) & (unmask_uniform < (t - s) / t)
-    return torch.where(unmask, sampled_ids, noisy_ids)
+    return sampled_ids.clamp_max(cumulative_p_x0.shape[-1] - 1)  # a guard only, see above
+
+
+def _unmask_first_gathered(
+    denoiser: Callable[[torch.Tensor], torch.Tensor],
+    initial_ids: torch.Tensor,
+    mask_token_id: int,
+    times: list[float],
+    steps: Iterable[int],
+    uniforms: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The "unmask_first" steps with the cache, drawing each token only where a position unmasks: per step, the
+    positions that unmask are found first (one host synchronisation, which is also the cache's check: none found,
+    nothing changes), and only their rows of the logits go through the SUBS softmax and the float64 running sum.
+    The same ids as `_unmask_first_step` at every position (the same uniforms, the same arithmetic per row) at
+    (K, V) instead of (B, L, V) cost. Returns (ids, the logits of those ids or None, denoiser calls)."""
+    noisy_ids, logits, num_calls = initial_ids.clone(), None, 0
+    mask_bias = None
+    for step in steps:
+        if logits is None:
+            logits = denoiser(noisy_ids)
+            num_calls += 1
+            mask_bias = subs_mask_bias(logits.shape[-1], mask_token_id, logits.device)
+        t, s = times[step], times[step + 1]
+        unmask_uniform, token_uniform = uniforms[step]
+        unmask = (noisy_ids == mask_token_id) & (unmask_uniform < (t - s) / t)
+        positions = unmask.nonzero(as_tuple=True)
+        if positions[0].numel() == 0:  # nothing unmasks: the ids, and so the denoiser's output, stay
+            continue
+        log_p_x0 = torch.log_softmax(logits[positions].float() + mask_bias, dim=-1)
+        noisy_ids = noisy_ids.index_put(positions, _inverse_cdf(_cumulative_p_x0(log_p_x0), token_uniform[positions]))
+        logits = None
+    return noisy_ids, logits, num_calls
 
 
 @torch.no_grad()
@@ -186,8 +223,10 @@ def sample_masked_diffusion(
             Gumbel noise drawn each step where the generator lives; the default, as it reproduces earlier outputs.
             "unmask_first": per position, one uniform for whether it unmasks and one for its token by inverse CDF
             (`_unmask_first_step`); all 2 x num_steps x B x L uniforms are drawn before the loop where the generator
-            lives and moved to initial_ids' device at once, and a step needs no host synchronisation (the cache's
-            check is the only one, and use_cache=False skips it). Different ids from "gumbel" for one seed.
+            lives and moved to initial_ids' device at once. With the cache, a step first finds the positions that
+            unmask (its one host synchronisation, which is also the cache's check) and draws tokens for those rows
+            only (`_unmask_first_gathered`); without it, a step draws at every position and needs no
+            synchronisation. The same ids either way; different ids from "gumbel" for one seed.
     """
     assert num_steps >= 1, f"num_steps must be at least 1, got {num_steps}."
     assert 0 < final_time < 1, f"final_time must lie in (0, 1), got {final_time}."
@@ -201,6 +240,12 @@ def sample_masked_diffusion(
     uniforms = None
     if noise == "unmask_first":
         uniforms = _unmask_first_uniforms(num_steps, *initial_ids.shape, generator, initial_ids.device)
+    if uniforms is not None and use_cache:
+        noisy_ids, logits, num_denoiser_calls = _unmask_first_gathered(
+            denoiser, initial_ids, mask_token_id, times, steps, uniforms
+        )
+        log_p_x0 = None if logits is None else subs_log_probs(logits, noisy_ids, mask_token_id)
+        return _finish(denoiser, noisy_ids, log_p_x0, mask_token_id, num_denoiser_calls)
 
     noisy_ids = initial_ids.clone()
     log_p_x0 = None  # p_x0 of the current noisy_ids, kept while they do not change
@@ -219,8 +264,17 @@ def sample_masked_diffusion(
         if not use_cache or not torch.equal(next_ids, noisy_ids):
             log_p_x0 = None
         noisy_ids = next_ids
+    return _finish(denoiser, noisy_ids, log_p_x0, mask_token_id, num_denoiser_calls)
 
-    # A token still masked at final_time takes its most likely clean value.
+
+def _finish(
+    denoiser: Callable[[torch.Tensor], torch.Tensor],
+    noisy_ids: torch.Tensor,
+    log_p_x0: torch.Tensor | None,
+    mask_token_id: int,
+    num_denoiser_calls: int,
+) -> MaskedDiffusionSample:
+    """A token still masked at final_time takes its most likely clean value."""
     still_masked = noisy_ids == mask_token_id
     if still_masked.any():
         if log_p_x0 is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -56,9 +57,63 @@ class AlignmentTeacher(torch.nn.Module, abc.ABC):
     def text_targets(self, texts: list[str]) -> torch.Tensor:
         """Text targets (B, dim) float32 for B captions."""
 
+    def input_preparer(self) -> Callable[[list[Image.Image], list[str]], dict]:
+        """A picklable function of a batch's images and captions that the DataLoader workers run, off the training
+        process (`speed.teacher_inputs_in_workers`); `targets_from_inputs` turns its result into the targets. By
+        default it only carries the images and texts over; a teacher with preprocessing of its own overrides both."""
+        return _carry_inputs
+
+    def targets_from_inputs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image targets, text targets) from what `input_preparer()` returned: equal to `image_targets` and
+        `text_targets` of the same images and captions."""
+        return self.image_targets(inputs["images"]), self.text_targets(inputs["texts"])
+
     def train(self, mode: bool = True) -> AlignmentTeacher:
         # A teacher is frozen: a trainer's `.train()` must not switch it out of eval mode.
         return super().train(False)
+
+
+def _carry_inputs(images: list[Image.Image], texts: list[str]) -> dict:
+    return {"images": images, "texts": texts}
+
+
+class QwenVLInputs:
+    """Qwen2.5-VL's preprocessing of the teacher's inputs, the one place it is done: images through the optional
+    square resize and the image processor, captions through the tokenizer with the teacher's padding. Holds no
+    model, so DataLoader workers can run it (`QwenVLTeacher.input_preparer`)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: BaseImageProcessor,
+        image_size: int | None,
+        max_text_length: int,
+        pad_to_max_length: bool,
+    ):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_size, self.max_text_length, self.pad_to_max_length = image_size, max_text_length, pad_to_max_length
+
+    def images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """{"pixel_values", "image_grid_thw"} of the image processor."""
+        if self.image_size is not None:
+            size = (self.image_size, self.image_size)
+            images = [image.resize(size, Image.Resampling.BICUBIC) for image in images]
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+
+    def texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """{"input_ids", "attention_mask"}, padded to `max_text_length` or to the batch's longest caption."""
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length" if self.pad_to_max_length else "longest",
+            max_length=self.max_text_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+    def __call__(self, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+        return {**self.images(images), **self.texts(texts)}
 
 
 class QwenVLTeacher(AlignmentTeacher):
@@ -91,6 +146,8 @@ class QwenVLTeacher(AlignmentTeacher):
         self.max_text_length = max_text_length
         self.pad_to = pad_to
         self.image_size = image_size
+        pad_to_max_length = average_padding and pad_to == "text_length"
+        self.inputs = QwenVLInputs(tokenizer, image_processor, image_size, max_text_length, pad_to_max_length)
         self.dim = model.config.text_config.hidden_size
         vision_width = model.config.vision_config.out_hidden_size
         assert vision_width == self.dim, (
@@ -156,23 +213,23 @@ class QwenVLTeacher(AlignmentTeacher):
     @torch.no_grad()
     def image_targets(self, images: list[Image.Image]) -> torch.Tensor:
         """Mean vision token per image, (B, dim) float32; all B images go through the tower at once."""
-        if self.image_size is not None:
-            size = (self.image_size, self.image_size)
-            images = [image.resize(size, Image.Resampling.BICUBIC) for image in images]
-        inputs = self.image_processor(images=images, return_tensors="pt")
+        inputs = self.inputs.images(images)
         return mean_image_tokens(self.model, inputs["pixel_values"], inputs["image_grid_thw"])
 
     @torch.no_grad()
     def text_targets(self, texts: list[str]) -> torch.Tensor:
         """Mean input embedding of each caption's tokens, (B, dim) float32."""
-        tokens = self.tokenizer(
-            texts,
-            padding="max_length" if self.average_padding and self.pad_to == "text_length" else "longest",
-            max_length=self.max_text_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        tokens = self.inputs.texts(texts)
         return mean_text_embeddings(self.model, tokens["input_ids"], tokens["attention_mask"], self.average_padding)
+
+    def input_preparer(self) -> QwenVLInputs:
+        return self.inputs
+
+    @torch.no_grad()
+    def targets_from_inputs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        image = mean_image_tokens(self.model, inputs["pixel_values"], inputs["image_grid_thw"])
+        text = mean_text_embeddings(self.model, inputs["input_ids"], inputs["attention_mask"], self.average_padding)
+        return image, text
 
 
 def _load_checked(path: Path, config, torch_dtype: torch.dtype) -> Qwen2_5_VLModel:

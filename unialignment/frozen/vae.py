@@ -76,12 +76,16 @@ class FrozenVAE:
 
     @torch.no_grad()
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixels (B, 3, H, W) in [-1, 1] -> the posterior's (mean, std), each (B, C, H/f, W/f), unscaled.
+        """pixels (B, 3, H, W) in [-1, 1], or uint8 in [0, 255] (scaled on the VAE's device, `uint8_to_pixels`) ->
+        the posterior's (mean, std), each (B, C, H/f, W/f), unscaled.
 
         Kept separate from sampling so that an offline cache can store the distribution and draw a fresh
         latent every epoch, as encoding online does.
         """
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        pixels = pixels.to(self.device, non_blocking=True)  # asynchronous from pinned memory
+        if pixels.dtype == torch.uint8:
+            pixels = uint8_to_pixels(pixels)
+        posterior = self.vae.encode(pixels.to(self.dtype)).latent_dist
         return posterior.mean, posterior.std
 
     def scale(self, raw_latents: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,15 @@ def pil_to_pixels(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def uint8_to_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] with 0 -> -1 and 255 -> 1: the range the VAE encodes. The same float32
+    operations as `unialignment.data.transforms.to_pixels`, so the two give equal numbers."""
+    return pixels.float() / 127.5 - 1.0
+
+
 def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> RGB images."""
-    arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1], or uint8 in [0, 255], -> RGB images."""
+    if pixels.dtype != torch.uint8:
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(array) for array in arrays]

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from unialignment.data.transforms import IMAGE_ERRORS, load_image
+from unialignment.diffusion.masked_diffusion_sampler import SAMPLER_NOISES
 from unialignment.errors import UserError
 from unialignment.files import atomic_path, is_repo_id
 
@@ -37,21 +38,22 @@ PERCEPTION_INSTRUCTIONS = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 TEXT_SUFFIXES = {".txt", ".jsonl"}
-SESSION_OPTIONS = ("model", "device", "dtype", "cpu_offload", "lora", "jobs", "batch_size")  # one load serves every job
+# One load serves every job.
+SESSION_OPTIONS = ("model", "device", "dtype", "cpu_offload", "lora", "compile", "cuda_graphs", "jobs", "batch_size")
 PATH_OPTIONS = ("image", "images", "output")  # resolved against a jobs file's folder
 # Every option is SUPPRESSed in the parsers, so that the command line's values survive a subcommand's (or a job
 # line's) parse; these fill in what nobody gave. None: not passed to the pipeline, whose own default applies.
 DEFAULTS = dict(
-    command=None, model=None, device=None, dtype=None, cpu_offload=False, lora=None, jobs=None, output=None, seed=None,
-    steps=None, guidance=None, size=None, negative_prompt=None, num_images=None, length=None, instruction=None,
-    map=None, batch_size=1,
+    command=None, model=None, device=None, dtype=None, cpu_offload=False, lora=None, compile=False, cuda_graphs=False,
+    jobs=None, output=None, seed=None, steps=None, guidance=None, size=None, negative_prompt=None, num_images=None,
+    length=None, sampler=None, instruction=None, map=None, batch_size=1,
 )  # fmt: skip
 # Options -> the pipeline methods' keyword arguments, passed only when given, per kind of task.
 IMAGE_ARGUMENTS = {
     "steps": "num_inference_steps", "guidance": "guidance_scale", "negative_prompt": "negative_prompt",
     "num_images": "num_images_per_prompt",
 }  # fmt: skip
-TEXT_ARGUMENTS = {"steps": "num_inference_steps", "length": "length"}
+TEXT_ARGUMENTS = {"steps": "num_inference_steps", "length": "length", "sampler": "sampler"}
 
 
 class UsageError(UserError):
@@ -109,6 +111,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     session.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda")
     session.add_argument("--cpu-offload", action="store_true", help="diffusers' model CPU offload")
     session.add_argument("--lora", type=Path, help="LoRA adapters to apply (a file, or a folder holding one)")
+    session.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled blocks, channels-last VAE (faster after warm-up)",
+    )
+    session.add_argument("--cuda-graphs", action="store_true", help="with --compile: CUDA graphs (fixed sizes)")
     sampling = argparse.ArgumentParser(**options)
     sampling.add_argument("--seed", type=int, help="default: a fresh random seed")
     sampling.add_argument("--steps", type=_positive, help="default: the pipeline method's (28 images, 64 texts)")
@@ -121,6 +129,11 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     image_output.add_argument("--output", type=Path, required=True, help="an image file for one image, else a folder")
     text = argparse.ArgumentParser(**options)
     text.add_argument("--length", type=_positive, help="text tokens to sample for caption and vqa (default 256)")
+    text.add_argument(
+        "--sampler",
+        choices=list(SAMPLER_NOISES),
+        help="caption and vqa draws (default unmask_first; gumbel reproduces earlier versions' texts)",
+    )
     text_output = argparse.ArgumentParser(**options)
     text_output.add_argument("--output", type=Path, help="a .txt or .jsonl file (default: stdout)")
 

@@ -12,6 +12,7 @@ scheduler's own config (SD3-medium ships shift 3.0; training used shift 1.0), th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,11 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from unialignment.data.transforms import resize_and_center_crop, size_multiple, to_pixels
 from unialignment.diffusion.flow_matching import sample_rectified_flow
-from unialignment.diffusion.masked_diffusion_sampler import initial_ids_from_prompt, sample_masked_diffusion
+from unialignment.diffusion.masked_diffusion_sampler import (
+    SamplerNoise,
+    initial_ids_from_prompt,
+    sample_masked_diffusion,
+)
 from unialignment.errors import UserError
 from unialignment.files import model_folder
 from unialignment.frozen.text_encoder import (
@@ -95,6 +100,7 @@ class UniAlignmentPipeline(DiffusionPipeline):
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
         self._check_components()
+        self._null_prompt_cache: tuple | None = None  # (the text encoder, its settings, the states)
 
     # --- what the components imply ------------------------------------------------------------------------------
 
@@ -225,6 +231,23 @@ class UniAlignmentPipeline(DiffusionPipeline):
         self.transformer.load_lora_adapter(
             folder, weight_name=weight_name, prefix="transformer", adapter_name=adapter_name
         )
+
+    def enable_fast_sampling(
+        self, compile_blocks: bool = True, cuda_graphs: bool = False, channels_last_vae: bool = True
+    ) -> None:
+        """Sampling speed-ups, each giving the eager images within bf16 tolerance (BENCHMARKS.md has their timings):
+
+        compile_blocks: `torch.compile` of each joint block (regional: compiles in seconds, shared by the blocks;
+            a new resolution or batch recompiles a block, not the model).
+        cuda_graphs: compile with `mode="reduce-overhead"`, replaying CUDA graphs of the blocks, which removes
+            the kernel launches that dominate small batches; shapes must repeat (fixed size and batch), and each
+            new shape records new graphs.
+        channels_last_vae: the VAE's convolutions in channels-last memory order, faster with cuDNN.
+        """
+        if compile_blocks or cuda_graphs:
+            self.transformer.compile_blocks(mode="reduce-overhead" if cuda_graphs else None)
+        if channels_last_vae:
+            self.vae.to(memory_format=torch.channels_last)
 
     # --- image tasks ------------------------------------------------------------------------------------------------
 
@@ -411,14 +434,20 @@ class UniAlignmentPipeline(DiffusionPipeline):
         height: int = 512,
         width: int = 512,
         generator: Generator = None,
+        sampler: SamplerNoise = "unmask_first",
     ) -> UniAlignmentTextOutput:
         """A caption per image from the text stream: `length` mask tokens denoised in `num_inference_steps` steps,
         with the clean image (resized and centre-cropped to (height, width)) in the image stream at timestep 0.
 
         generator: one generator for the batch, or one per image; with one per image, each caption is the one that
-            image would get alone with its generator, and the batch still runs as one.
+            image would get alone with its generator, and the batch still runs as one. Its random numbers are drawn
+            where it lives (pass a generator on the device to draw them there).
+        sampler: how each step draws (the same distribution either way): "unmask_first" draws per position whether
+            it unmasks and then its token, only where it does; "gumbel" draws Gumbel noise over the whole
+            vocabulary at every position, and reproduces the captions of earlier versions for the same seed.
         """
-        return self._sample_texts(_images(image, "image"), None, length, num_inference_steps, height, width, generator)
+        images = _images(image, "image")
+        return self._sample_texts(images, None, length, num_inference_steps, height, width, generator, sampler)
 
     @torch.no_grad()
     def answer(
@@ -430,13 +459,14 @@ class UniAlignmentPipeline(DiffusionPipeline):
         height: int = 512,
         width: int = 512,
         generator: Generator = None,
+        sampler: SamplerNoise = "unmask_first",
     ) -> UniAlignmentTextOutput:
         """An answer per (image, question): the question's tokens are the clean prefix of the `length` text tokens
         (the prompted variant of training), the rest is sampled; only the answer is returned. See `caption`."""
         images = _images(image, "image")
         questions = _texts(question, "question")
         _check_same_length("image", images, "question", questions)
-        return self._sample_texts(images, questions, length, num_inference_steps, height, width, generator)
+        return self._sample_texts(images, questions, length, num_inference_steps, height, width, generator, sampler)
 
     def _sample_texts(
         self,
@@ -447,6 +477,7 @@ class UniAlignmentPipeline(DiffusionPipeline):
         height: int,
         width: int,
         generator: Generator,
+        sampler: SamplerNoise,
     ) -> UniAlignmentTextOutput:
         """Masked-diffusion sampling shared by the text tasks; questions: the clean prefix of each text, or None."""
         # 1. check inputs
@@ -465,14 +496,23 @@ class UniAlignmentPipeline(DiffusionPipeline):
         if prompt.num_truncated:
             logger.warning(f"{prompt.num_truncated} question(s) cut to fit {length} tokens with room for an answer.")
         question_mask = ~prompt.score_mask
-        initial_ids = initial_ids_from_prompt(prompt.input_ids, question_mask, t5.mask_token_id).to(device)
+        initial_ids = initial_ids_from_prompt(prompt.input_ids, question_mask, t5.mask_token_id)
+        # Every caption starts from the same all-mask text: its T5 states are computed for one row.
+        same_start = bool((initial_ids == initial_ids[:1]).all())  # on the host, before the ids move
+        initial_ids = initial_ids.to(device)
 
         # 4. denoise: one sampler run for the batch; with a generator per image, each row draws its own noise and
         # samples what it would alone
         timestep = torch.zeros(image_latents.shape[0], device=device)
+        first_call = [True]
 
         def text_logits(noisy_ids: torch.Tensor) -> torch.Tensor:
-            noisy_text_embeds = self.text_encoder(noisy_ids).last_hidden_state.to(dtype)
+            if first_call[0] and same_start:
+                states = self.text_encoder(noisy_ids[:1]).last_hidden_state
+                noisy_text_embeds = states.expand(noisy_ids.shape[0], -1, -1).to(dtype)
+            else:
+                noisy_text_embeds = self.text_encoder(noisy_ids).last_hidden_state.to(dtype)
+            first_call[0] = False
             output = self.transformer(
                 hidden_states=image_latents,
                 encoder_hidden_states=noisy_text_embeds,
@@ -490,6 +530,7 @@ class UniAlignmentPipeline(DiffusionPipeline):
                 num_inference_steps,
                 generator=generator,
                 progress=_ticking(progress_bar),
+                noise=sampler,
             ).token_ids
 
         # 5. decode the answers: the question positions are dropped, then every `</s>`, pad and mask token
@@ -518,11 +559,36 @@ class UniAlignmentPipeline(DiffusionPipeline):
 
     def _encode_texts(self, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """T5 states (N, text_max_length, D), padded with EOS and encoded without an attention mask, as in training
-        and in SD3's pipeline."""
-        tokens = self._frozen_t5().tokenize(texts)
-        if tokens.num_truncated:
-            logger.warning(f"{tokens.num_truncated} prompt(s) longer than {self.text_max_length} T5 tokens were cut.")
-        return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state.to(dtype)
+        and in SD3's pipeline. The null prompt's states (the default negative prompt) are computed once per pipeline
+        and text encoder and reused; only the other texts go through T5."""
+        states = [None] * len(texts)
+        others = [index for index, text in enumerate(texts) if text != NULL_PROMPT]
+        if len(others) < len(texts):
+            null = self._null_prompt_states(device)
+            for index in set(range(len(texts))) - set(others):
+                states[index] = null
+        if others:
+            tokens = self._frozen_t5().tokenize([texts[index] for index in others])
+            if tokens.num_truncated:
+                logger.warning(
+                    f"{tokens.num_truncated} prompt(s) longer than {self.text_max_length} T5 tokens were cut."
+                )
+            encoded = self.text_encoder(tokens.input_ids.to(device)).last_hidden_state
+            for index, row in zip(others, encoded, strict=True):
+                states[index] = row
+        return torch.stack(states).to(dtype)
+
+    def _null_prompt_states(self, device: torch.device) -> torch.Tensor:
+        """(text_max_length, D) T5 states of the null prompt, cached for this text encoder (module), prompt length,
+        device and dtype. Changing the encoder's weights in place is not seen: assign a new text encoder instead."""
+        encoder = self.text_encoder
+        key = (self.text_max_length, str(device), encoder.dtype)
+        cached = self._null_prompt_cache
+        if cached is None or cached[0]() is not encoder or cached[1] != key:
+            ids = self._frozen_t5().tokenize([NULL_PROMPT]).input_ids
+            states = encoder(ids.to(device)).last_hidden_state[0]
+            self._null_prompt_cache = cached = (weakref.ref(encoder), key, states)
+        return cached[2]
 
     def _encode_images(
         self, images: list[PIL.Image.Image], height: int, width: int, device: torch.device, dtype: torch.dtype
@@ -550,8 +616,10 @@ class UniAlignmentPipeline(DiffusionPipeline):
         return list(latents.unflatten(0, (len(compositions), num_sources)).unbind(dim=1))
 
     def _decode_latents(self, latents: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray:
-        raw_latents = unscale_latents(latents, self.vae.config)
-        pixels = self.vae.decode(raw_latents.to(self.vae.dtype)).sample.clamp(-1.0, 1.0)  # (N, 3, H, W)
+        raw_latents = unscale_latents(latents, self.vae.config).to(self.vae.dtype)
+        if self.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):  # enable_fast_sampling
+            raw_latents = raw_latents.to(memory_format=torch.channels_last)
+        pixels = self.vae.decode(raw_latents).sample.clamp(-1.0, 1.0)  # (N, 3, H, W)
         if output_type == "pil":
             return pixels_to_pil(pixels)
         return ((pixels.float() + 1.0) / 2.0).permute(0, 2, 3, 1).cpu().numpy()

@@ -115,8 +115,6 @@ def build_transformer(config: TrainConfig, vocab_size: int) -> tuple[UniAlignmen
             f"the transformer's text head has {model.config.vocab_size} entries but the T5 tokenizer has {vocab_size} "
             "tokens; they must be equal"
         )
-    if config.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
     if config.model.lora_rank > 0:
         from peft import LoraConfig  # only LoRA runs need peft
 
@@ -132,9 +130,40 @@ def build_transformer(config: TrainConfig, vocab_size: int) -> tuple[UniAlignmen
     return model, source
 
 
+def set_checkpointing(model: UniAlignmentTransformer, every: bool | int) -> None:
+    """`speed.gradient_checkpointing` on a built model: off, every block (True) or every k-th block."""
+    if every:
+        model.enable_gradient_checkpointing()
+        model.checkpoint_every = int(every)
+    else:
+        model.disable_gradient_checkpointing()
+
+
+def build_objective(config: TrainConfig, components: FrozenComponents) -> UniAlignmentObjective:
+    """The objective with the run's constants and its `speed` switches."""
+    t5 = components.t5
+    return UniAlignmentObjective(
+        config.objective,
+        FlowMatchEulerDiscreteScheduler(),
+        t5.mask_token_id,
+        t5.encode_ids,
+        t5.null_prompt_embeds(),
+        fuse_t2i_passes=config.speed.fuse_t2i_passes,
+        masked_text_loss=config.speed.masked_text_loss,
+        text_loss_chunk_size=config.speed.text_loss_chunk_size,
+    )
+
+
 def deepspeed_config(config: TrainConfig, accumulation: int, world_size: int, on_gpu: bool) -> dict:
     optimizer, ds = config.optimizer, config.deepspeed
     zero = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        zero.update(
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=ds.reduce_bucket_size,
+            allgather_bucket_size=ds.allgather_bucket_size,
+        )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:
@@ -156,10 +185,10 @@ def deepspeed_config(config: TrainConfig, accumulation: int, world_size: int, on
             },
         },
         "zero_optimization": zero,
-        # bf16 compute with fp32 master weights (DeepSpeed keeps them), gradients reduced in fp32, and a step with
-        # a non-finite gradient norm skipped rather than applied.
+        # bf16 compute with fp32 master weights (DeepSpeed keeps them), gradients reduced in fp32 (or bf16), and a
+        # step with a non-finite gradient norm skipped rather than applied.
         "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
-        "communication_data_type": "fp32",
+        "communication_data_type": ds.gradient_communication,
         "steps_per_print": 2**31 - 1,
     }
     return _merge(result, ds.overrides)
@@ -235,6 +264,11 @@ def build_training(
     from."""
     with torch.device(init_device or "cpu"):
         model, source = build_transformer(config, components.t5.vocab_size)
+    set_checkpointing(model, config.speed.gradient_checkpointing)
+    if config.speed.compile_blocks:
+        model.compile_blocks()
+    if config.speed.compile_text_encoder:
+        components.t5.encoder.compile()
     trainable = [param for param in model.parameters() if param.requires_grad]
     accumulation = config.batch.gradient_accumulation_steps(ctx.world_size)
     engine, _, _, lr_scheduler = deepspeed.initialize(
@@ -244,10 +278,7 @@ def build_training(
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config)),
     )
     ema = ShardedEMA(engine.module, config.ema_decay, ctx.rank, ctx.world_size) if config.ema_decay > 0 else None
-    t5 = components.t5
-    objective = UniAlignmentObjective(
-        config.objective, FlowMatchEulerDiscreteScheduler(), t5.mask_token_id, t5.encode_ids, t5.null_prompt_embeds()
-    )
+    objective = build_objective(config, components)
     rig = TrainingRig(
         config, components, engine, lr_scheduler, ema, objective, generator, ctx, training_dtype(config), accumulation
     )

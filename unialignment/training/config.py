@@ -45,7 +45,6 @@ class ModelConfig:
 
     load_from: str | None = None
     config: dict = field(default_factory=dict)
-    gradient_checkpointing: bool = True
     lora_rank: int = 0  # > 0 trains LoRA adapters (diffusers' PEFT support) instead of all weights
     lora_alpha: float | None = None
     lora_target_modules: list[str] = field(
@@ -66,6 +65,42 @@ class ModelConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """How a training step is computed, never what it computes: each switch is tested equal to the plain path on
+    CPU (losses and gradients; within float tolerance where kernels or batch shapes differ, exactly where the math
+    is the same). BENCHMARKS.md has their GPU measurements and says which are on by default and why.
+
+    gradient_checkpointing: activation checkpointing of the joint blocks: False, True (every block) or k (every
+        k-th block; the others keep their activations: less recomputation for more memory).
+    compile_blocks: `torch.compile` of each joint block (regional compilation: one short compilation, shared by
+        the blocks; a new resolution recompiles a block, not the model).
+    fuse_t2i_passes: a text-to-image batch's image-stream and text-stream passes as one forward of 2B samples.
+    masked_text_loss: the text head and its log-softmax at masked positions only, `text_loss_chunk_size` at a time
+        (no (B, L, vocab) float32 tensors); needs the head's weight whole on each rank: ZeRO 0-2, no LoRA on it.
+    prefetch: no host synchronisation inside a micro-step: all random draws made on the host ahead, in the same
+        order, tensors sent with non-blocking copies, the prompts condition dropout replaces not encoded, and the
+        loss scalars read once per optimizer step.
+    uint8_pixels: pixels travel from the workers as uint8 and are scaled to [-1, 1] on the GPU.
+    teacher_inputs_in_workers: the teacher's image processing and tokenization run in the DataLoader workers.
+    compile_text_encoder: `torch.compile` of the frozen T5 encoder.
+    """
+
+    gradient_checkpointing: bool | int = True
+    compile_blocks: bool = False
+    fuse_t2i_passes: bool = False
+    masked_text_loss: bool = False
+    text_loss_chunk_size: int = 4096
+    prefetch: bool = False
+    uint8_pixels: bool = False
+    teacher_inputs_in_workers: bool = False
+    compile_text_encoder: bool = False
+
+    def __post_init__(self):
+        _check_range("speed", {"gradient_checkpointing": int(self.gradient_checkpointing)}, 0)
+        _check_range("speed", {"text_loss_chunk_size": self.text_loss_chunk_size}, 1)
+
+
+@dataclass
 class DataConfig:
     """Task groups (see `unialignment.data.dataset.build_task_groups`) and how they are read."""
 
@@ -78,6 +113,7 @@ class DataConfig:
     check_images: bool = True
     use_feature_cache: bool = False
     max_replacement_attempts: int = 16
+    draft_decode: bool = False  # decode JPEGs >= 2x the resolution at a reduced scale (transforms.load_image)
 
     def __post_init__(self):
         _check_range(
@@ -137,7 +173,19 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_param: bool = False
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 compute, fp32 master weights and gradient reduction
+    # ZeRO's gradient reduction overlapped with backward, in buckets of this many elements (DeepSpeed's defaults).
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    gradient_communication: Literal["fp32", "bf16"] = "fp32"  # bf16 halves the traffic, rounds the sums
     overrides: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+
+    def __post_init__(self):
+        _check_range(
+            "deepspeed",
+            {"reduce_bucket_size": self.reduce_bucket_size, "allgather_bucket_size": self.allgather_bucket_size},
+            1,
+        )
 
 
 @dataclass
@@ -203,6 +251,7 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 20
     distributed_timeout_minutes: float = 120  # how long a collective waits (rank 0 indexing while others wait)
     model: ModelConfig = field(default_factory=ModelConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -220,6 +269,17 @@ class TrainConfig:
                 f"ema_decay={self.ema_decay!r} is out of range: it must be in [0, 1) (0 switches EMA off)"
             )
         _check_range("components", {"text_length": self.components.text_length}, 2)
+        if self.speed.masked_text_loss and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "speed.masked_text_loss reads the text head's weight whole, which ZeRO-3 partitions; use "
+                "deepspeed.zero_stage <= 2 or set speed.masked_text_loss=false"
+            )
+        head_adapted = self.model.lora_rank > 0 and "text_proj_out" in self.model.lora_target_modules
+        if self.speed.masked_text_loss and head_adapted:
+            raise ConfigError(
+                "speed.masked_text_loss reads the text head's base weight, but model.lora_target_modules adapts "
+                "text_proj_out; remove it from the targets or set speed.masked_text_loss=false"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -58,11 +58,13 @@ def init_distributed(timeout_minutes: float = 120) -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, device)
 
 
-def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Sum scalars over ranks in one collective, so rank 0 logs global values rather than its own."""
-    if not values or not (dist.is_initialized() and dist.get_world_size() > 1):
-        return dict(values)
+def all_reduce_sum(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Sum scalars over ranks in one collective, so rank 0 logs global values rather than its own. Values may be
+    Python numbers or 0-d device tensors; either way they are read once, together, at the end."""
+    if not values:
+        return {}
     names = sorted(values)
-    tensor = torch.tensor([values[name] for name in names], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    tensor = torch.stack([torch.as_tensor(values[name], dtype=torch.float64, device=device) for name in names])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
     return dict(zip(names, tensor.tolist(), strict=True))

@@ -87,3 +87,26 @@ def training_flops_per_sample(
     )
     text_pass = transformer_flops(config, image_tokens, text_tokens, text_head=True, image_head=False)
     return 3 * (image_pass + text_pass)
+
+
+def recomputed_flops_per_sample(
+    config: Mapping[str, Any] | Any,
+    image_tokens: int,
+    text_tokens: int,
+    condition_tokens: int = 0,
+    checkpoint_every: int = 0,
+) -> int:
+    """FLOPs that activation checkpointing adds to a training sample: backward runs the forward of every
+    `checkpoint_every`-th block of both passes again (0: no checkpointing). Hardware FLOPs = model FLOPs + these."""
+    if checkpoint_every <= 0:
+        return 0
+    layers = _field(config, "num_layers")
+    recomputed_share = (layers // checkpoint_every) / layers
+
+    def block_flops(**tokens) -> int:
+        terms = transformer_flops_terms(config, text_tokens=text_tokens, text_head=False, image_head=False, **tokens)
+        return terms["num_layers x 24 D^2 T"] + terms["num_layers x 4 T^2 D"]
+
+    image_pass = block_flops(image_tokens=image_tokens, condition_tokens=condition_tokens)
+    text_pass = block_flops(image_tokens=image_tokens)
+    return round(recomputed_share * (image_pass + text_pass))

@@ -19,6 +19,7 @@ import torch
 
 from unialignment.data.collate import RawBatch
 from unialignment.data.features import TrainingBatch, prepare_training_batch
+from unialignment.frozen.text_encoder import TokenizedText
 from unialignment.training.builders import TrainingRig
 from unialignment.training.distributed import all_reduce_sum
 from unialignment.training.flops import training_flops_per_sample
@@ -62,27 +63,42 @@ def optimizer_step(
     """Run the `rig.accumulation` micro-batches of `micro_batches` through one optimizer step.
 
     `prepare` turns a raw batch into the objective's batch; by default the frozen components (or the cached
-    features the batch carries), drawing latents with the run's generator."""
+    features the batch carries), drawing latents with the run's generator. With `speed.prefetch` the default
+    draws every random number on the host ahead (`prepare_training_batch` with the objective's `draw`), and the
+    loss scalars stay on the device until the step's one read."""
+    prefetch = rig.config.speed.prefetch
     if prepare is None:
 
+        def draw(latent_shape: torch.Size, caption: TokenizedText):
+            return rig.objective.draw(
+                latent_shape, caption.input_ids, caption.score_mask, caption.attention_mask, rig.generator
+            )
+
         def prepare(raw: RawBatch) -> TrainingBatch:
-            return prepare_training_batch(raw, rig.components, rig.generator, rig.ctx.device, rig.dtype)
+            return prepare_training_batch(
+                raw, rig.components, rig.generator, rig.ctx.device, rig.dtype, draw if prefetch else None
+            )
 
     engine, model_config = rig.engine, rig.engine.module.config
-    loss_sums: dict[str, float] = {}
+    loss_sums: dict[str, float | torch.Tensor] = {}
     replaced = truncated = flops = 0
-    nonfinite = False
+    nonfinite: bool | torch.Tensor = False
     batches = iter(micro_batches)
     for micro_step in range(rig.accumulation):
         raw = next(batches)
         batch = prepare(raw)
         losses = rig.objective(engine, batch, rig.generator)
         engine.backward(losses.total)
-        scalars = losses.scalars()
-        nonfinite = nonfinite or not all(math.isfinite(value) for value in scalars.values())
+        if prefetch:  # device tensors: nothing is read until the step's decision below
+            scalars = losses.detached()
+            nonfinite = nonfinite | ~torch.isfinite(torch.stack(list(scalars.values()))).all()
+        else:
+            scalars = losses.scalars()
+            nonfinite = nonfinite or not all(math.isfinite(value) for value in scalars.values())
+        skip = False
         if micro_step == rig.accumulation - 1:  # the update comes with this step(): decide on it first
-            nonfinite = _any_rank_nonfinite(rig, nonfinite)
-        with _skipped_update(engine) if nonfinite else contextlib.nullcontext():
+            nonfinite = skip = _any_rank_nonfinite(rig, nonfinite)
+        with _skipped_update(engine) if skip else contextlib.nullcontext():
             engine.step()
         for name, value in scalars.items():
             loss_sums[name] = loss_sums.get(name, 0.0) + value
@@ -114,14 +130,16 @@ def optimizer_step(
     )
 
 
-def _any_rank_nonfinite(rig: TrainingRig, nonfinite: bool) -> bool:
-    """Whether any rank saw a non-finite loss or holds a non-finite gradient, agreed by all ranks. The gradients a
-    rank holds in `.grad` are checked here (ZeRO 0, where DeepSpeed does not check them in fp32); the ZeRO stages
-    keep them in DeepSpeed's partitions, which its own overflow check covers."""
+def _any_rank_nonfinite(rig: TrainingRig, nonfinite: bool | torch.Tensor) -> bool:
+    """Whether any rank saw a non-finite loss or holds a non-finite gradient, agreed by all ranks: the step's one
+    read of the device. The gradients a rank holds in `.grad` are checked here (ZeRO 0, where DeepSpeed does not
+    check them in fp32); the ZeRO stages keep them in DeepSpeed's partitions, which its own overflow check covers."""
+    device = rig.ctx.device
+    flags = [torch.as_tensor(nonfinite, device=device).reshape(1)]
     grads = [param.grad for param in rig.engine.module.parameters() if param.grad is not None]
-    if grads and not nonfinite:
-        nonfinite = not bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())
-    return all_reduce_sum({"nonfinite": float(nonfinite)}, rig.ctx.device)["nonfinite"] > 0
+    if grads:
+        flags.append(~torch.stack([torch.isfinite(grad).all() for grad in grads]).all().reshape(1))
+    return all_reduce_sum({"nonfinite": torch.cat(flags).any().double()}, device)["nonfinite"] > 0
 
 
 @contextlib.contextmanager

@@ -138,8 +138,13 @@ class Trainer:
             data.max_replacement_attempts,
             data.use_feature_cache,
             components_fingerprint(self.components) if data.use_feature_cache else None,
+            uint8_pixels=config.speed.uint8_pixels,
+            draft_decode=data.draft_decode,
         )
-        self.collator = Collator(self.components.t5.tokenizer, self.components.t5.max_length)
+        teacher = self.components.teacher
+        in_workers = teacher is not None and config.speed.teacher_inputs_in_workers
+        teacher_inputs = teacher.input_preparer() if in_workers else None
+        self.collator = Collator(self.components.t5.tokenizer, self.components.t5.max_length, teacher_inputs)
 
     def _loader(self) -> DataLoader:
         workers = self.config.data.num_workers

@@ -47,8 +47,8 @@ model = dict(
         # 1000 edit-only steps, with the loss at sigma 0.9 given the source 0.05 against 0.12.
         interpolation_scale=1 / 16,
     ),
-    gradient_checkpointing=False,
 )
+speed = dict(gradient_checkpointing=False)
 components = dict(
     sd3=None,
     tokenizer="runs/toy/components/tokenizer",
