@@ -2,6 +2,7 @@
 resume, ZeRO-2 and ZeRO-3 with two processes, and a two-node torchrun launch on one machine."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -129,6 +130,64 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, zero_stage):
     assert "resumed from" in resumed.stdout
     assert [m["step"] for m in _metrics(work_dir)][-2:] == [11, 12]
     assert (work_dir / "checkpoints" / "latest").read_text() == "step_00000012"
+
+
+def _resumed_state(work_dir, nproc, *overrides) -> dict:
+    """What `nproc` ranks hold right after resuming `work_dir` (tests/helpers/resumed_state.py): each parameter's fp32
+    weight and AdamW moments, the EMA, the step, the learning rate and the sampler's state."""
+    out = Path(work_dir).parent / f"resumed_on_{nproc}"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+        str(_free_port()), "tests/helpers/resumed_state.py", DEBUG_CONFIG, str(out), "--work_dir", str(work_dir),
+        *QUIET, *overrides,
+    ]  # fmt: skip
+    _run(command)
+    state = torch.load(out / "state.pt", weights_only=False)
+    state["parameters"] = {
+        folder.name: {
+            kind: torch.load(folder / f"{kind}.pt", weights_only=False)["param"]
+            for kind in KINDS
+            if (folder / f"{kind}.pt").is_file()  # buffers (the position table) have no moments
+        }
+        for folder in (out / "resumed" / "universal" / "zero").iterdir()
+        if folder.is_dir()
+    }
+    return state
+
+
+KINDS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(2, 1), (1, 2)])
+def test_resuming_on_another_number_of_ranks_restores_the_whole_state(tmp_path, saved, resumed):
+    """A checkpoint of `saved` ranks resumed on `resumed` through DeepSpeed's universal checkpoint holds, number for
+    number, what resuming it on `saved` ranks holds: every fp32 weight and AdamW moment, the EMA, the step, the
+    learning rate and the data order. Then training goes on, and another global batch is refused."""
+    run = tmp_path / "run"
+    steps = ["--max_steps", "2", "--checkpoint.every_steps", "2"]
+    (_torchrun if saved > 1 else lambda work_dir, n, *o: _train(work_dir, *o))(run, saved, *QUIET, *steps)
+
+    same = _resumed_state(run, saved, *steps)
+    other = _resumed_state(run, resumed, *steps)
+    assert (run / "checkpoints" / "step_00000002" / "universal" / "zero").is_dir()
+    assert other["step"] == same["step"] == 2 and other["lr"] == same["lr"]
+    assert other["sampler"]["cursors"] == same["sampler"]["cursors"]
+    assert same["parameters"].keys() == other["parameters"].keys()
+    for name, tensors in same["parameters"].items():
+        for kind, value in tensors.items():
+            assert torch.equal(other["parameters"][name][kind], value), (name, kind)
+    assert any(tensors["exp_avg"].abs().sum() > 0 for tensors in same["parameters"].values())
+    assert same["ema"].keys() == other["ema"].keys()
+    assert all(torch.equal(other["ema"][name], value) for name, value in same["ema"].items())
+
+    continued = ["--max_steps", "4", "--checkpoint.every_steps", "2", *QUIET]
+    (_torchrun if resumed > 1 else lambda work_dir, n, *o: _train(work_dir, *o))(run, resumed, *continued)
+    records = [r for r in _metrics(run) if "loss/total" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss/total"]) for r in records)
+
+    with pytest.raises(AssertionError, match="global batch of 8 samples per step"):
+        _train(run, *QUIET, "--max_steps", "6", "--batch.global_batch_size", "4")
 
 
 def test_two_nodes_on_one_machine_through_the_launch_script(tmp_path):

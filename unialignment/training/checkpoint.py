@@ -11,6 +11,9 @@ finished writing, so a crash or kill mid-save leaves the previous checkpoint in 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -30,6 +33,7 @@ from unialignment.pipelines.pipeline_unialignment import LORA_WEIGHTS
 
 LATEST = "latest"
 EMA_FILE = "ema.safetensors"  # the whole EMA, in each checkpoint folder
+UNIVERSAL = "universal"  # DeepSpeed's universal checkpoint of a checkpoint, made when another world size resumes it
 logger = logging.getLogger("unialignment.train")
 
 
@@ -129,6 +133,48 @@ def restore_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def saved_world_size(folder: Path) -> int:
+    """How many ranks wrote a checkpoint: one `rank_<r>.pt` each."""
+    count = len(list(folder.glob("rank_*.pt")))
+    if count == 0:
+        raise FileNotFoundError(f"{folder} holds no rank_<r>.pt files: it is not a complete checkpoint of a run")
+    return count
+
+
+def seed_new_rank(seed: int, step: int, rank: int, generator: torch.Generator) -> None:
+    """Random states for a rank a checkpoint did not have (resuming on more ranks): drawn from the run's seed, the
+    step and the rank, so that a rerun of the same resume makes the same draws."""
+    base = seed * 1_000_003 + step * 1009 + rank
+    random.seed(base)
+    np.random.seed(base % 2**32)
+    torch.manual_seed(base)
+    generator.manual_seed(base + 1)
+
+
+def convert_to_universal(folder: Path) -> Path:
+    """DeepSpeed's universal checkpoint of checkpoint `folder` in `folder/universal` (made once): ZeRO's optimizer
+    partitions merged per parameter, so that any number of ranks can load them (`load_universal_checkpoint`). Written
+    under a temporary name and renamed, so an interrupted conversion is redone, never half-used."""
+    target = folder / UNIVERSAL
+    if (target / "zero").is_dir():
+        return target
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # only a changed world size needs it
+
+    partial = folder / f".{UNIVERSAL}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    arguments = dict(
+        input_folder=str(folder), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
+        # A data-parallel model needs no tensor- or pipeline-parallel layout: DeepSpeed's default description of the
+        # checkpoint's parameters (which it does not save for a plain module) is the right one.
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )  # fmt: skip
+    logger.info("converting %s to a universal checkpoint (another world size resumes it)", folder)
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+        ds_to_universal(argparse.Namespace(**arguments))
+    os.replace(partial, target)
+    return target
 
 
 def save_rank_state(folder: Path, rank: int, state: dict) -> None:

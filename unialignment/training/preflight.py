@@ -3,8 +3,9 @@
 `python scripts/train.py CONFIG --check` (which `train_unialignment.sh` runs before launching) loads and validates
 the merged config, indexes and validates every data file (writing the skip report and the index caches the run
 then reuses), reads every component folder's config, the tokenizer and the mask embedding, builds the transformer
-on the meta device, and derives the batch layout for the world size. Any problem raises a `UserError` naming the
-file, line or key; otherwise it returns the lines of a summary.
+on the meta device, derives the batch layout for the world size and estimates the GPU memory per rank
+(`unialignment.training.memory`). Any problem raises a `UserError` naming the file, line or key; otherwise it
+returns the lines of a summary.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from unialignment.frozen.vae import downsample_factor
 from unialignment.models import UniAlignmentTransformer
 from unialignment.training.builders import transformer_config
 from unialignment.training.config import ConfigError, TrainConfig
+from unialignment.training.memory import MemoryEstimate, frozen_parameters, training_memory
 
 
 @dataclass
@@ -33,6 +35,7 @@ class RunShape:
     model_config: dict
     size_multiple: int
     max_side: int  # the largest image side the position table covers, in pixels
+    memory: MemoryEstimate
 
 
 def _json_config(folder: Path, what: str) -> dict:
@@ -100,7 +103,23 @@ def check_run(config: TrainConfig, world_size: int) -> RunShape:
     )
     check_image_sides(config, [side for group in groups for bucket in group.pool_buckets for side in bucket], max_side)
     parameters = sum(p.numel() for p in model.parameters())
-    return RunShape(world_size, accumulation, parameters, dict(model.config), size_multiple, max_side)
+    trainable = lora_parameters(model, config) if config.model.lora_rank > 0 else parameters
+    memory = training_memory(
+        config, world_size, dict(model.config), parameters, trainable, frozen_parameters(config),
+        vae_downsampling=vae_downsampling,
+    )  # fmt: skip
+    return RunShape(world_size, accumulation, parameters, dict(model.config), size_multiple, max_side, memory)
+
+
+def lora_parameters(model: torch.nn.Module, config: TrainConfig) -> int:
+    """Parameters LoRA adds: rank x (in + out) per adapted linear layer (the trainable ones of a LoRA run)."""
+    targets = config.model.lora_target_modules
+    rank = config.model.lora_rank
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)
+    )
 
 
 def check_image_sides(config: TrainConfig, sides: list[int], max_side: int) -> None:
@@ -121,5 +140,6 @@ def summary(config: TrainConfig, shape: RunShape) -> list[str]:
         f"{batch.micro_batch_size} x {shape.accumulation} accumulation steps x {shape.world_size} ranks",
         f"transformer: {shape.parameters / 1e9:.3f} B parameters; images up to {shape.max_side} px, sides "
         f"multiples of {shape.size_multiple}; data at {config.data.resolution} px",
+        *shape.memory.lines(),
         f"skipped lines, if any: {Path(config.work_dir) / 'skipped_lines.txt'}",
     ]

@@ -165,22 +165,57 @@ class Trainer:
         if folder is None:
             logger.info("starting at step 0")
             return
-        _, client_state = self.rig.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        saved_world_size = ckpt.saved_world_size(folder)
+        if saved_world_size == self.ctx.world_size:
+            _, client_state = self.rig.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        else:
+            client_state = self._load_resharded(folder, saved_world_size)
         if client_state is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
         state = client_state["unialignment"]
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.sampler.load_state_dict(state["sampler"])
-        rank_state = ckpt.load_rank_state(folder, self.ctx.rank)
-        ckpt.restore_rng_state(rank_state["rng"], self.rig.generator)
-        self.nonfinite_in_a_row = rank_state["nonfinite_in_a_row"]
+        if self.ctx.rank < saved_world_size:
+            rank_state = ckpt.load_rank_state(folder, self.ctx.rank)
+            ckpt.restore_rng_state(rank_state["rng"], self.rig.generator)
+            self.nonfinite_in_a_row = rank_state["nonfinite_in_a_row"]
+        else:  # a rank the checkpoint did not have: random states of its own, from the seed and the step
+            ckpt.seed_new_rank(self.config.seed, self.step, self.ctx.rank, self.rig.generator)
+            rank_state = None
         if self.rig.ema is not None:
             if (folder / ckpt.EMA_FILE).is_file():
                 self.rig.ema.load_full(load_file(folder / ckpt.EMA_FILE))
-            else:  # written before the whole EMA was stored: this rank's shard
-                self.rig.ema.load_state_dict(rank_state["ema"])
+            elif rank_state is not None and saved_world_size == self.ctx.world_size:
+                self.rig.ema.load_state_dict(rank_state["ema"])  # written before the whole EMA was stored
+            else:
+                raise RuntimeError(f"{folder} holds no {ckpt.EMA_FILE}: it can only resume on {saved_world_size} ranks")
         logger.info("resumed from %s at step %d", folder, self.step)
+
+    def _load_resharded(self, folder: Path, saved_world_size: int) -> dict | None:
+        """Load a checkpoint written by `saved_world_size` ranks onto this run's: ZeRO's partitioned optimizer state
+        goes through DeepSpeed's universal checkpoint (converted once, by rank 0, into `<checkpoint>/universal`);
+        without ZeRO every rank holds the whole state and loads it as it is. The sampler's state is global and the
+        EMA is stored whole, so both carry over; the ranks' random draws start afresh (`seed_new_rank`)."""
+        logger.warning(
+            "resuming %d rank(s) from a checkpoint of %d: model, optimizer, schedule, EMA and data order continue; the "
+            "ranks' random draws (noise, timesteps, masks) differ from those an unchanged run would have made",
+            self.ctx.world_size, saved_world_size,
+        )  # fmt: skip
+        engine = self.rig.engine
+        if self.config.deepspeed.zero_stage == 0:
+            _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            return client_state
+        universal = folder / ckpt.UNIVERSAL
+        if self.ctx.is_main:
+            ckpt.convert_to_universal(folder)
+        self.ctx.barrier()
+        engine._config.load_universal_checkpoint = True  # DeepSpeed reads the flag from its config at load time
+        try:
+            _, client_state = engine.load_checkpoint(str(folder), tag=universal.name)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        return client_state
 
     def save_checkpoint(self) -> None:
         tag = ckpt.tag_for_step(self.step)
