@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=2000, help="most VAE training steps")
     parser.add_argument("--vae-psnr", type=float, default=31.0, help="stop training the VAE at this PSNR (dB)")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the encoder")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="image-caption steps of the teacher (0: random)")
+    parser.add_argument(
+        "--teacher-steps", type=int, default=2000, help="image-caption steps of the teacher (0: random)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -61,9 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         teacher = report.teacher
         print(
             f"teacher:      {folders.teacher} ({teacher.steps} steps, image-caption loss {teacher.first_loss:.2f} "
-            f"-> {teacher.last_loss:.2f}, caption retrieval {teacher.retrieval_before:.2f} "
-            f"-> {teacher.retrieval_after:.2f})"
+            f"-> {teacher.last_loss:.2f}, caption retrieval on the training pairs {teacher.retrieval_before} "
+            f"-> {teacher.retrieval_after})"
         )
+        if teacher.heldout is not None:
+            print(f"teacher caption retrieval on the held-out pairs: {teacher.heldout}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,16 @@ from unialignment.frozen.text_encoder import load_t5_tokenizer, mask_token_id
 from unialignment.toy.checker import colours_in, find_objects, mask_iou, positions_in, shapes_in
 from unialignment.toy.components import dataset_text_length, make_dataset_components
 from unialignment.toy.folder import DatasetFolderError, read_split, split_files
-from unialignment.toy.heldout import checks_world, format_table, objects_in, plan_jobs, score_outputs
+from unialignment.toy.heldout import (
+    checks_world,
+    format_seed_table,
+    format_table,
+    objects_in,
+    plan_jobs,
+    score_outputs,
+)
 from unialignment.toy.t5 import make_tiny_t5, pretrain_tiny_t5
-from unialignment.toy.teacher import make_tiny_teacher, pretrain_tiny_teacher
+from unialignment.toy.teacher import Retrieval, make_tiny_teacher, pretrain_tiny_teacher, score_retrieval
 from unialignment.toy.vae import TINY_VAE_CONFIG, images_to_tensor, reconstruction_psnr, train_vae
 from unialignment.toy.world import (
     Scene,
@@ -203,6 +210,34 @@ def test_vae_training_improves_reconstruction():
     assert abs(float(scaled.mean())) < 1e-3 and abs(float(scaled.std()) - 1) < 1e-3
 
 
+def test_seed_table_shows_mean_spread_and_the_paired_difference():
+    scores = {
+        "untrained": [0.1, 0.1, 0.1],
+        "aligned": [0.9, 0.8, 1.0],
+        "no_alignment": [0.7, 0.8, 0.9],
+    }
+    per_seed = [{name: {"t2i colour": values[k]} for name, values in scores.items()} for k in range(3)]
+    table = format_seed_table(per_seed, ("untrained", "aligned", "no_alignment"))
+    # aligned - no_alignment, seed by seed: 0.2, 0.0, 0.1 -> mean 0.1, sample std 0.1
+    assert table.splitlines() == [
+        "| metric | untrained | aligned | no_alignment | aligned - no_alignment |",
+        "|---|---:|---:|---:|---:|",
+        "| t2i colour | 0.10 ± 0.00 | 0.90 ± 0.10 | 0.80 ± 0.10 | +0.10 ± 0.10 |",
+    ]
+    one_seed = format_seed_table(per_seed[:1], ("untrained", "aligned", "no_alignment"))
+    assert one_seed.splitlines()[-1] == "| t2i colour | 0.10 | 0.90 | 0.70 | +0.20 |"
+
+
+def test_retrieval_counts_a_caption_of_the_same_tokens_as_reachable():
+    # captions 0 and 1 are the same tokens in another order (and 2 is padded shorter); the mean-embedding text target
+    # cannot tell 0 from 1, so choosing 1 for image 0 is wrong but reachable, choosing 2 for image 1 is neither
+    input_ids = torch.tensor([[5, 6, 7, 8, 1], [7, 6, 5, 8, 1], [5, 9, 1, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    retrieval = score_retrieval(torch.tensor([1, 2, 2]), torch.tensor([0, 1, 2]), input_ids, attention_mask)
+    assert retrieval == Retrieval(exact=1 / 3, same_tokens=2 / 3)
+    assert str(retrieval) == "0.33 (0.67 up to token order)"
+
+
 def test_components_fit_any_dataset_folder(tmp_path):
     """Another world: other words, other image size. The tokenizer learns its words; the VAE its images."""
     root = tmp_path / "data"
@@ -216,9 +251,10 @@ def test_components_fit_any_dataset_folder(tmp_path):
             lines.append(json.dumps({"image": [f"{k}.png"], "conversations": turns}))
         (root / split / "t2i.jsonl").write_text("\n".join(lines) + "\n")
     folders, report = make_dataset_components(
-        root, tmp_path / "components", vae_max_steps=3, vae_target_psnr=99, t5_steps=0
+        root, tmp_path / "components", vae_max_steps=3, vae_target_psnr=99, t5_steps=0, teacher_steps=4
     )
     assert report.image_size == 80 and report.vae.steps == 3 and report.t5 is None
+    assert report.teacher.steps == 4 and report.teacher.heldout is not None  # scored on the held-out pairs too
     tokenizer = AutoTokenizer.from_pretrained(folders.tokenizer)
     assert tokenizer.unk_token_id not in tokenizer("a teal blob").input_ids
     # whole words, one token each, as T5's unigram tokenizer reads the BPE-trained pieces
@@ -267,9 +303,12 @@ def test_teacher_pretraining_matches_images_with_their_captions(tmp_path):
             images.append(path)
             captions.append(f"a {name} {shape}")
     folder = make_tiny_teacher(tmp_path / "teacher", corpus=captions * 10)
-    report = pretrain_tiny_teacher(folder, images * 4, captions * 4, steps=80, batch_size=16, text_length=8)
+    report = pretrain_tiny_teacher(
+        folder, images * 4, captions * 4, steps=80, batch_size=16, text_length=8, heldout=(images, captions)
+    )
     assert report.last_loss < 0.5 * report.first_loss
-    assert report.retrieval_before < 0.5 and report.retrieval_after == 1.0
+    assert report.retrieval_before.exact < 0.5 and report.retrieval_after.exact == 1.0
+    assert report.heldout == report.retrieval_after  # the same pairs, scored after training
 
     teacher = QwenVLTeacher.from_pretrained(folder, torch.float32, max_text_length=8)
     image_targets = torch.nn.functional.normalize(teacher.image_targets([Image.open(p) for p in images]), dim=-1)

@@ -73,15 +73,16 @@ def make_dataset_components(
     vae_max_steps: int = 2000,
     vae_target_psnr: float = 31.0,
     t5_steps: int = 400,
-    teacher_steps: int = 300,
+    teacher_steps: int = 2000,
     seed: int = 0,
 ) -> tuple[TinyComponentFolders, DatasetComponentsReport]:
     """Tiny frozen components fitted to one dataset folder (`unialignment.toy.folder` layout): a T5 tokenizer
     trained on every text of both splits (so held-out prompts tokenise without unknown pieces), a tiny T5 encoder
     over it pretrained for `t5_steps` steps to fill masked tokens of those texts (`pretrain_tiny_t5`), a tiny VAE
     trained on the training split's images until it reconstructs them, and a tiny Qwen2.5-VL teacher trained for
-    `teacher_steps` steps to match the training split's images with their captions (`pretrain_tiny_teacher`; its
-    text targets padded to `dataset_text_length`, as the demo's trainer computes them). A component whose folder
+    `teacher_steps` steps to match the training split's images with their captions (`pretrain_tiny_teacher`, which
+    also scores it on the held-out pairs; its text targets padded to `dataset_text_length`, as the demo's trainer
+    computes them). A component whose folder
     already exists is reused, so a second run costs nothing."""
     folder = Path(folder)
     folders = TinyComponentFolders(folder / "tokenizer", folder / "text_encoder", folder / "vae", folder / "teacher")
@@ -113,8 +114,18 @@ def make_dataset_components(
         if teacher_steps > 0 and pairs:
             images, captions = zip(*pairs, strict=True)
             text_length = _text_length(every_record, load_t5_tokenizer(folders.tokenizer))
+            heldout_records = [record for records in heldout.values() for record in records]
+            heldout_pairs = [(r.target_image, r.caption) for r in heldout_records if r.caption and not r.question]
+            heldout_images = [image for image, _ in heldout_pairs]
+            heldout_captions = [caption for _, caption in heldout_pairs]
             teacher_report = pretrain_tiny_teacher(
-                folders.teacher, list(images), list(captions), steps=teacher_steps, text_length=text_length, seed=seed
+                folders.teacher,
+                list(images),
+                list(captions),
+                steps=teacher_steps,
+                text_length=text_length,
+                seed=seed,
+                heldout=(heldout_images, heldout_captions) if heldout_pairs else None,
             )
     vocab_size = len(AutoTokenizer.from_pretrained(folders.tokenizer))
     return folders, DatasetComponentsReport(vocab_size, image_size, t5_report, vae_report, teacher_report)

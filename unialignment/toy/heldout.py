@@ -191,3 +191,29 @@ def format_table(columns: dict[str, dict[str, float]]) -> str:
         cells = [f"{columns[name][metric]:.2f}" if metric in columns[name] else "" for name in names]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_seed_table(per_seed: list[dict[str, dict[str, float]]], columns: tuple[str, str, str]) -> str:
+    """A markdown table over seeds: one row per metric, each column `mean ± std` (sample standard deviation) of a
+    model's score, then the paired difference of the second and third columns, seed by seed (e.g. aligned minus
+    no alignment, which share a seed's world and components), also as `mean ± std`. `per_seed[k][column][metric]`
+    are the scores."""
+    first, second, third = columns
+    metrics = [m for m in METRICS if all(m in run[column] for run in per_seed for column in columns)]
+    header = f"| metric | {first} | {second} | {third} | {second} - {third} |"
+    lines = [header, "|---|---:|---:|---:|---:|"]
+    for metric in metrics:
+        cells = [_mean_std([run[column][metric] for run in per_seed]) for column in columns]
+        cells.append(_mean_std([run[second][metric] - run[third][metric] for run in per_seed], signed=True))
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float], signed: bool = False) -> str:
+    """ "mean ± sample standard deviation" (just the mean for a single value)."""
+    mean = sum(values) / len(values)
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    if len(values) > 1:
+        std = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+        text += f" ± {std:.2f}"
+    return text
