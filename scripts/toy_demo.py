@@ -1,15 +1,18 @@
-"""The built-in small default end to end: data, tiny components, three training stages, export, inference on the
+"""The built-in small default end to end: data, tiny components, the training stages, export, inference on the
 held-out split, and a table scored against an untrained baseline. `bash scripts/demo.sh` runs it.
 
-    python scripts/toy_demo.py                      # the shapes world, every loss term
+    python scripts/toy_demo.py                      # the shapes world, every loss term (about 20 minutes)
+    python scripts/toy_demo.py --full               # also perception maps and compositions (about an hour)
     python scripts/toy_demo.py --no-alignment       # the same without the two alignment losses (and no teacher)
+    python scripts/toy_demo.py --seeds 3            # both variants over seeds 0, 1, 2: mean and spread per metric
     python scripts/toy_demo.py --data DIR           # any dataset folder: DIR/train/*.jsonl, DIR/heldout/*.jsonl
 
 Each step is one of the project's own commands, printed before it runs: `scripts/make_toy_world.py`,
-`scripts/make_toy_components.py`, `train_unialignment.sh configs/toy/<stage>.py` (DeepSpeed) three times, each
-stage from the previous one's EMA export, `scripts/export_pipeline.py`, and `inference.py --jobs` on every
-held-out record. Everything lands under OUT (default runs/toy): world/, components/, untrained/, and one folder
-per variant (aligned/ or no_alignment/) with the three runs, the exported pipeline, outputs/ and scores.md.
+`scripts/make_toy_components.py`, `train_unialignment.sh configs/toy/<stage>.py` (DeepSpeed) once per stage
+(STAGES, or FULL_STAGES with --full), each from the previous one's EMA export, `scripts/export_pipeline.py`, and
+`inference.py --jobs` on every held-out record. Everything lands under OUT (default runs/toy, runs/toy_full with
+--full): world/, components/, untrained/, and one folder per variant (aligned/ or no_alignment/) with a run per
+stage, the exported pipeline, outputs/ and scores.md. With --seeds N, each seed has such a folder, OUT/seed_<k>/.
 
 For the shapes world, the built-in checker (`unialignment.toy.checker`) scores the outputs; the table shows the
 untrained model beside the trained one (and beside the other variant, once both have run). For another dataset
@@ -34,12 +37,21 @@ from unialignment.frozen.text_encoder import load_t5_tokenizer
 from unialignment.pipelines.assembly import build_pipeline, save_pipeline
 from unialignment.toy.components import dataset_image_size, dataset_text_length
 from unialignment.toy.folder import DatasetFolderError, read_split, split_files
-from unialignment.toy.heldout import checks_world, format_table, plan_jobs_for, score_outputs, write_jobs
+from unialignment.toy.heldout import (
+    checks_world,
+    format_seed_table,
+    format_table,
+    plan_jobs_for,
+    score_outputs,
+    write_jobs,
+)
 from unialignment.training.builders import build_transformer
 from unialignment.training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_sft")
+# --full: every task of the world, perception maps and compositions included (about an hour on 2 CPU cores).
+FULL_STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_perception_composition", "stage4_sft_every_task")
 VARIANTS = {False: "aligned", True: "no_alignment"}
 # --quick, the README's first command: what it shortens (and it evaluates the held-out text-to-image prompts only).
 QUICK = {"steps_scale": 0.5, "vae_steps": 1500}
@@ -72,6 +84,7 @@ def stage_overrides(
     steps_scale: float,
     no_alignment: bool,
     previous: str | None,
+    seed: int = 0,
 ) -> dict | None:
     """The stage config's data and component paths pointed at this demo's folders, starting from the EMA export of
     the `previous` stage (None: from scratch). Groups whose files the dataset lacks are dropped; a stage with none
@@ -97,6 +110,7 @@ def stage_overrides(
         "components.teacher": str(components / "teacher"),
         "components.text_length": text_length,
         "max_steps": max(1, round(config.max_steps * steps_scale)),
+        "seed": seed,
     }
     # labelled sample grids of the untrained start and of the stage's end (samples/<step>/t2i.png)
     overrides["logging.sample_every_steps"] = overrides["max_steps"]
@@ -165,12 +179,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where everything goes (default runs/toy; --quick: runs/toy_quick)")
     parser.add_argument("--no-alignment", action="store_true", help="train without the alignment losses")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's max_steps")
+    parser.add_argument("--stages", type=int, help="train the first N stages (default: every stage of the mode)")
     parser.add_argument(
-        "--stages", type=int, choices=range(1, len(STAGES) + 1), default=len(STAGES), help="train the first N stages"
+        "--stage-steps",
+        nargs="+",
+        default=[],
+        metavar="STAGE=STEPS",
+        help="one stage's max_steps, instead of its config's times --steps-scale (e.g. stage2_multitask=1000)",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="about an hour: also train perception maps and compositions (configs/toy/stage3_perception_composition.py"
+        " and stage4_sft_every_task.py after the default's first two stages)",
     )
     parser.add_argument("--vae-steps", type=int, default=2000, help="most steps of the tiny VAE's training")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the tiny T5")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="image-caption steps of the tiny teacher")
+    parser.add_argument("--teacher-steps", type=int, default=2000, help="image-caption steps of the tiny teacher")
     parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument(
         "--text-steps",
@@ -187,32 +212,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--t2i-samples", type=int, default=4, help="draws per held-out text-to-image prompt (the metrics average them)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the world's, the components', training's and sampling's")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="the ablation: both variants (every loss term, and no alignment) for seeds 0 .. N-1, each seed in "
+        "OUT/seed_<k>/ with its own world and components, then each metric's mean and spread over the seeds",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="a few minutes: stage 1 at half length, a shorter VAE training, held-out text-to-image and captions only",
     )
     args = parser.parse_args(argv)
-    # Its own folder: the full demo must not pick up the quick run's shorter-trained components.
-    args.out = args.out or Path("runs/toy_quick" if args.quick else "runs/toy")
+    if args.quick and args.full:
+        parser.error("--quick and --full are two lengths of the demo: give one")
+    args.stage_names = FULL_STAGES if args.full else STAGES
+    if args.stages is None:
+        args.stages = len(args.stage_names)
+    if not 1 <= args.stages <= len(args.stage_names):
+        parser.error(f"--stages: between 1 and {len(args.stage_names)}")
+    args.stage_steps = _stage_steps(parser, args.stage_steps, args.stage_names)
+    # Its own folder: the full demo must not pick up the quick run's shorter-trained components, nor the default
+    # demo's scores those of the other length.
+    args.out = args.out or Path("runs/toy_quick" if args.quick else "runs/toy_full" if args.full else "runs/toy")
     if args.quick:
         args.stages, args.steps_scale = 1, args.steps_scale * QUICK["steps_scale"]
         args.vae_steps, args.t2i_samples = min(args.vae_steps, QUICK["vae_steps"]), min(args.t2i_samples, 2)
     return args
 
 
+def _stage_steps(parser: argparse.ArgumentParser, items: list[str], stage_names: tuple[str, ...]) -> dict[str, int]:
+    """--stage-steps STAGE=STEPS ... as {stage: steps}, every name a stage of the mode and every count positive."""
+    steps = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        if name not in stage_names:
+            parser.error(f"--stage-steps {item}: {name!r} is not one of this mode's stages {', '.join(stage_names)}")
+        if not count.isdigit() or int(count) < 1:
+            parser.error(f"--stage-steps {item}: STEPS must be a positive whole number")
+        steps[name] = int(count)
+    return steps
+
+
 def plan_stages(args: argparse.Namespace, out: Path, data_root: Path, image_size: int, text_length: int) -> dict:
     """Each stage to train -> its config overrides; a stage whose tasks the dataset lacks is skipped."""
     variant = out / VARIANTS[args.no_alignment]
     overrides, previous = {}, None
-    for stage in STAGES[: args.stages]:
+    for stage in args.stage_names[: args.stages]:
         stage_settings = stage_overrides(
-            stage, out, variant, data_root, image_size, text_length, args.steps_scale, args.no_alignment, previous
+            stage,
+            out,
+            variant,
+            data_root,
+            image_size,
+            text_length,
+            args.steps_scale,
+            args.no_alignment,
+            previous,
+            args.seed,
         )
         if stage_settings is None:
             print(f"skipping {stage}: {data_root / 'train'} has none of its tasks", flush=True)
             continue
+        if stage in args.stage_steps:
+            stage_settings["max_steps"] = stage_settings["logging.sample_every_steps"] = args.stage_steps[stage]
         overrides[stage], previous = stage_settings, stage
     if not overrides:
         raise DatasetFolderError(f"{data_root}/train: no task file that any of the first {args.stages} stages trains")
@@ -221,6 +286,11 @@ def plan_stages(args: argparse.Namespace, out: Path, data_root: Path, image_size
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    return run_seeds(args) if args.seeds else run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """One variant, one seed: returns the scores table's columns (empty for a folder the checker cannot score)."""
     started = time.monotonic()
     out = args.out.resolve()
 
@@ -270,6 +340,30 @@ def report(args, out: Path, data_root: Path, variant: Path, baseline_jobs, train
     if grids:
         print(f"labelled samples of {args.last_stage}, at its start and its end: {', '.join(map(str, grids))}")
     return scores
+
+
+def run_seeds(args: argparse.Namespace) -> dict:
+    """The ablation over `args.seeds` seeds: per seed, the aligned then the no-alignment variant on one world with
+    one set of components (a seed draws the world, the components, the training and the sampling), so that the
+    two variants of a seed differ only in the alignment losses. Writes OUT/seeds.md and returns the per-seed
+    scores."""
+    per_seed = []
+    for seed in range(args.seeds):
+        for no_alignment in (False, True):
+            run = argparse.Namespace(**{**vars(args), "seeds": 0, "seed": seed, "no_alignment": no_alignment})
+            run.out = args.out / f"seed_{seed}"
+            print(f"\n=== seed {seed}, {VARIANTS[no_alignment]} ===", flush=True)
+            scores = run_demo(run)
+        per_seed.append(scores)  # the second run's table has all three columns
+    if not per_seed[-1]:
+        print(f"outputs of every seed and variant: {args.out}/seed_<k>/<variant>/outputs", flush=True)
+        return {}
+    table = format_seed_table(per_seed, ("untrained", *VARIANTS.values()))
+    summary = f"held-out scores over seeds 0-{args.seeds - 1}: mean ± sample standard deviation\n{table}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "seeds.md").write_text(summary + "\n")
+    print(f"\n{summary}\nper seed: {args.out}/seed_<k>/no_alignment/scores.md; this table: {args.out / 'seeds.md'}")
+    return {"per_seed": per_seed}
 
 
 if __name__ == "__main__":

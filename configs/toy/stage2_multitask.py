@@ -9,10 +9,9 @@ model = dict(load_from="runs/toy/aligned/stage1_t2i_caption/export/ema")
 #   edit only, 1000 steps 0.62, 1500 steps 0.69 (1700 here: what the 20-minute budget leaves);
 #   edit 5 : t2i 1 : perception 1 : composition 1, 1500 steps, 0.33.
 # With the 31 dB VAE and logit mean -0.5, full demo runs ended (after stage 3) at recolour 0.71 and 0.79.
-# Perception maps and compositions are left out of the toy stages: in 1500 mixed steps they reached only mask IoU
-# 0.26, edges 0.14 and composition 0.04, and took edits down with them. With a bigger budget, add them back:
-#   dict(name="perception", weight=1, datasets=[dict(path=".../perception.jsonl", task="perception")]),
-#   dict(name="composition", weight=1, datasets=[dict(path=".../composition.jsonl", task="composition")]),
+# Perception maps and compositions are left out of this stage: in 1500 mixed steps they reached only mask IoU
+# 0.26, edges 0.14 and composition 0.04, and took edits down with them. `--full` trains them in a stage of their
+# own after this one (stage3_perception_composition.py).
 data = dict(
     groups=[dict(name="edit", weight=1, datasets=[dict(path="runs/toy/world/train/edit.jsonl", task="edit")])],
 )
