@@ -238,9 +238,8 @@ def test_retrieval_counts_a_caption_of_the_same_tokens_as_reachable():
     assert str(retrieval) == "0.33 (0.67 up to token order)"
 
 
-def test_components_fit_any_dataset_folder(tmp_path):
-    """Another world: other words, other image size. The tokenizer learns its words; the VAE its images."""
-    root = tmp_path / "data"
+def _two_blob_folder(root: Path) -> Path:
+    """A dataset folder of another world: two coloured 80 px blobs, in both splits."""
     colours = {"teal": (0, 128, 128), "pink": (255, 105, 180)}
     for split in ("train", "heldout"):
         (root / split).mkdir(parents=True)
@@ -250,6 +249,12 @@ def test_components_fit_any_dataset_folder(tmp_path):
             turns = [{"from": "human", "value": f"a {name} blob"}, {"from": "gpt", "value": "<image>"}]
             lines.append(json.dumps({"image": [f"{k}.png"], "conversations": turns}))
         (root / split / "t2i.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_components_fit_any_dataset_folder(tmp_path):
+    """Another world: other words, other image size. The tokenizer learns its words; the VAE its images."""
+    root = _two_blob_folder(tmp_path / "data")
     folders, report = make_dataset_components(
         root, tmp_path / "components", vae_max_steps=3, vae_target_psnr=99, t5_steps=0, teacher_steps=4
     )
@@ -265,6 +270,33 @@ def test_components_fit_any_dataset_folder(tmp_path):
     assert not checks_world(root)  # the built-in checker knows no teal blobs
     again, second = make_dataset_components(root, tmp_path / "components")
     assert second.vae is None and second.t5 is None  # reused
+
+
+def test_an_interrupted_component_build_leaves_nothing_for_the_next_run_to_reuse(tmp_path, monkeypatch):
+    root = _two_blob_folder(tmp_path / "data")
+    components = tmp_path / "components"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    settings = dict(vae_max_steps=2, vae_target_psnr=99, t5_steps=2, teacher_steps=2)
+    monkeypatch.setattr("unialignment.toy.components.pretrain_tiny_teacher", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset_components(root, components, **settings)
+    # T5 and the VAE were complete; the teacher, built but not trained, is not left in place (nor a temporary)
+    assert sorted(p.name for p in components.iterdir()) == ["text_encoder", "tokenizer", "vae"]
+
+    monkeypatch.setattr("unialignment.toy.components.pretrain_tiny_t5", interrupted)
+    shutil.rmtree(components / "text_encoder")
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset_components(root, components, **settings)
+    assert not (components / "text_encoder").exists() and not list(components.glob(".*"))
+
+    monkeypatch.undo()
+    _, report = make_dataset_components(root, components, **settings)
+    assert report.vae is None  # reused: it was complete
+    assert report.t5.steps == 2 and report.teacher.steps == 2  # rebuilt and trained, not reused half-made
+    assert (components / "teacher" / "config.json").is_file()
 
 
 def test_t5_pretraining_tells_masked_positions_apart(tmp_path):

@@ -3,6 +3,8 @@ through the same code as the full-size ones."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import AutoTokenizer
 
+from unialignment.files import atomic_folder
 from unialignment.frozen.components import ComponentsConfig, FrozenComponents, load_frozen_components
 from unialignment.frozen.text_encoder import load_t5_tokenizer
 from unialignment.toy.folder import SPLITS, images_of, read_split, texts_of
@@ -96,9 +99,7 @@ def make_dataset_components(
     corpus = texts_of(every_record)
     t5_report = None
     if not (folders.text_encoder / "config.json").is_file():
-        make_tiny_t5(folder, corpus=corpus, seed=seed, model_type="bpe")
-        if t5_steps > 0:
-            t5_report = pretrain_tiny_t5(folders.tokenizer, folders.text_encoder, corpus, steps=t5_steps, seed=seed)
+        t5_report = _build_t5(folders, corpus, t5_steps, seed)
     vae_report = None
     if not (folders.vae / "config.json").is_file():
         with torch.random.fork_rng(devices=[]):
@@ -106,29 +107,48 @@ def make_dataset_components(
             vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": image_size})
         pixels = images_to_tensor([Image.open(path) for path in image_paths], image_size)
         vae_report = train_vae(vae, pixels, max_steps=vae_max_steps, target_psnr=vae_target_psnr, seed=seed)
-        vae.save_pretrained(folders.vae)
+        with atomic_folder(folders.vae) as building:
+            vae.save_pretrained(building)
     teacher_report = None
     if not (folders.teacher / "config.json").is_file():
-        make_tiny_teacher(folders.teacher, seed=seed, corpus=corpus)
-        pairs = [(r.target_image, r.caption) for r in train_records if r.caption and not r.question]
-        if teacher_steps > 0 and pairs:
-            images, captions = zip(*pairs, strict=True)
-            text_length = _text_length(every_record, load_t5_tokenizer(folders.tokenizer))
-            heldout_records = [record for records in heldout.values() for record in records]
-            heldout_pairs = [(r.target_image, r.caption) for r in heldout_records if r.caption and not r.question]
-            heldout_images = [image for image, _ in heldout_pairs]
-            heldout_captions = [caption for _, caption in heldout_pairs]
-            teacher_report = pretrain_tiny_teacher(
-                folders.teacher,
-                list(images),
-                list(captions),
-                steps=teacher_steps,
-                text_length=text_length,
-                seed=seed,
-                heldout=(heldout_images, heldout_captions) if heldout_pairs else None,
-            )
+        # built and trained beside its place and moved there when done, as the T5 pair is: an interrupted run leaves
+        # no half-trained component for the next run to reuse
+        with atomic_folder(folders.teacher) as building:
+            make_tiny_teacher(building, seed=seed, corpus=corpus)
+            pairs = [(r.target_image, r.caption) for r in train_records if r.caption and not r.question]
+            if teacher_steps > 0 and pairs:
+                images, captions = zip(*pairs, strict=True)
+                text_length = _text_length(every_record, load_t5_tokenizer(folders.tokenizer))
+                heldout_records = [record for records in heldout.values() for record in records]
+                heldout_pairs = [(r.target_image, r.caption) for r in heldout_records if r.caption and not r.question]
+                teacher_report = pretrain_tiny_teacher(
+                    building,
+                    list(images),
+                    list(captions),
+                    steps=teacher_steps,
+                    text_length=text_length,
+                    seed=seed,
+                    heldout=([i for i, _ in heldout_pairs], [c for _, c in heldout_pairs]) if heldout_pairs else None,
+                )
     vocab_size = len(AutoTokenizer.from_pretrained(folders.tokenizer))
     return folders, DatasetComponentsReport(vocab_size, image_size, t5_report, vae_report, teacher_report)
+
+
+def _build_t5(folders: TinyComponentFolders, corpus: list[str], steps: int, seed: int) -> T5PretrainingReport | None:
+    """The T5 tokenizer and encoder built and pretrained in a temporary folder beside them, then moved into place,
+    the encoder last: its config is what says the pair is complete."""
+    building = folders.text_encoder.parent / f".t5.tmp-{os.getpid()}"
+    try:
+        make_tiny_t5(building, corpus=corpus, seed=seed, model_type="bpe")
+        report = None
+        if steps > 0:
+            report = pretrain_tiny_t5(building / "tokenizer", building / "text_encoder", corpus, steps=steps, seed=seed)
+        shutil.rmtree(folders.tokenizer, ignore_errors=True)
+        os.replace(building / "tokenizer", folders.tokenizer)
+        os.replace(building / "text_encoder", folders.text_encoder)
+        return report
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def dataset_image_size(data_root: Path) -> int:
