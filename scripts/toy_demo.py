@@ -350,10 +350,10 @@ def run_seeds(args: argparse.Namespace) -> dict:
     per_seed = []
     for seed in range(args.seeds):
         for no_alignment in (False, True):
-            run = argparse.Namespace(**{**vars(args), "seeds": 0, "seed": seed, "no_alignment": no_alignment})
-            run.out = args.out / f"seed_{seed}"
+            one_run = argparse.Namespace(**{**vars(args), "seeds": 0, "seed": seed, "no_alignment": no_alignment})
+            one_run.out = args.out / f"seed_{seed}"
             print(f"\n=== seed {seed}, {VARIANTS[no_alignment]} ===", flush=True)
-            scores = run_demo(run)
+            scores = run_demo(one_run)
         per_seed.append(scores)  # the second run's table has all three columns
     if not per_seed[-1]:
         print(f"outputs of every seed and variant: {args.out}/seed_<k>/<variant>/outputs", flush=True)
