@@ -6,34 +6,19 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import T5EncoderModel
 
-from unialignment.frozen.text_encoder import FrozenT5, load_t5_tokenizer
-from unialignment.pipelines import UniAlignmentPipeline
+from unialignment.frozen.text_encoder import FrozenT5
 from unialignment.pipelines.pipeline_unialignment import NULL_PROMPT
-from unialignment.toy.components import make_tiny_components
+from unialignment.toy.components import make_tiny_components, make_tiny_pipeline
 from unialignment.toy.shapes import ShapeScene, draw_scene
-from unialignment.toy.transformer import make_tiny_transformer
 
 PROMPTS = ["a red circle on the left", "a blue square at the top"]
 SIZE = dict(height=32, width=32)
 
 
 def _pipeline(folders, seed=0):
-    tokenizer = load_t5_tokenizer(folders.tokenizer, 16)
-    text_encoder = T5EncoderModel.from_pretrained(folders.text_encoder)
-    vae = AutoencoderKL.from_pretrained(folders.vae)
-    transformer = make_tiny_transformer(
-        seed,
-        in_channels=vae.config.latent_channels,
-        out_channels=vae.config.latent_channels,
-        joint_attention_dim=text_encoder.config.d_model,
-        vocab_size=len(tokenizer),
-    )
-    pipe = UniAlignmentPipeline(transformer, FlowMatchEulerDiscreteScheduler(), vae, text_encoder, tokenizer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_tiny_pipeline(folders, 16, seed)
 
 
 @pytest.fixture(scope="module")

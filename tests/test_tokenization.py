@@ -3,17 +3,14 @@ contract for training and inference."""
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-from transformers import AutoTokenizer, T5EncoderModel
+from transformers import AutoTokenizer
 
 from unialignment.data.collate import Collator
 from unialignment.data.dataset import Sample
 from unialignment.data.records import TaskKind
 from unialignment.frozen.text_encoder import FrozenT5, load_t5_tokenizer, tokenize_captions
-from unialignment.pipelines import UniAlignmentPipeline
-from unialignment.toy.components import make_tiny_components
+from unialignment.toy.components import make_tiny_components, make_tiny_pipeline
 from unialignment.toy.t5 import caption_corpus, make_tiny_t5
-from unialignment.toy.transformer import make_tiny_transformer
 
 # Words of the tiny tokenizer's corpus, so that nothing decodes to <unk> (it has no capital I or "?").
 QUESTION = "is there a red circle on the left of the image"
@@ -135,18 +132,9 @@ def test_training_and_inference_tokenize_prompts_alike(tiny_folders, length):
     ]
     training_ids = Collator(tokenizer, length)(samples).prompt_ids
 
-    text_encoder = T5EncoderModel.from_pretrained(tiny_folders.text_encoder)
-    vae = AutoencoderKL.from_pretrained(tiny_folders.vae)
-    transformer = make_tiny_transformer(
-        in_channels=vae.config.latent_channels,
-        out_channels=vae.config.latent_channels,
-        joint_attention_dim=text_encoder.config.d_model,
-        vocab_size=len(tokenizer),
-    )
-    pipe = UniAlignmentPipeline(transformer, FlowMatchEulerDiscreteScheduler(), vae, text_encoder, tokenizer)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_tiny_pipeline(tiny_folders, length)
     seen = []
-    text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    pipe.text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     pipe.text_to_image(prompts, height=16, width=16, num_inference_steps=1, guidance_scale=2.0, output_type="latent")
     # The null prompt is encoded once per pipeline (one row, then cached), the prompts in one call.
     null_ids, prompt_ids = seen

@@ -10,16 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, T5EncoderModel
 
 from unialignment.files import atomic_folder
 from unialignment.frozen.components import ComponentsConfig, FrozenComponents, load_frozen_components
 from unialignment.frozen.text_encoder import load_t5_tokenizer
+from unialignment.pipelines import UniAlignmentPipeline
 from unialignment.toy.folder import SPLITS, images_of, read_split, texts_of
 from unialignment.toy.t5 import T5PretrainingReport, make_tiny_t5, pretrain_tiny_t5
 from unialignment.toy.teacher import TeacherPretrainingReport, make_tiny_teacher, pretrain_tiny_teacher
+from unialignment.toy.transformer import make_tiny_transformer
 from unialignment.toy.vae import TINY_VAE_CONFIG, VAETrainingReport, images_to_tensor, make_tiny_vae, train_vae
 
 
@@ -59,6 +61,24 @@ def tiny_components_config(folders: TinyComponentFolders, max_text_length: int =
 def load_tiny_components(folders: TinyComponentFolders, max_text_length: int = 32) -> FrozenComponents:
     """The tiny components through the loader every full-size run uses."""
     return load_frozen_components(tiny_components_config(folders, max_text_length))
+
+
+def make_tiny_pipeline(folders: TinyComponentFolders, max_text_length: int, seed: int = 0) -> UniAlignmentPipeline:
+    """The tiny T5 and VAE from their folders with a fresh tiny transformer sized to them (`make_tiny_transformer`,
+    seeded), as one pipeline with its progress bars off."""
+    tokenizer = load_t5_tokenizer(folders.tokenizer, max_text_length)
+    text_encoder = T5EncoderModel.from_pretrained(folders.text_encoder)
+    vae = AutoencoderKL.from_pretrained(folders.vae)
+    transformer = make_tiny_transformer(
+        seed,
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        joint_attention_dim=text_encoder.config.d_model,
+        vocab_size=len(tokenizer),
+    )
+    pipe = UniAlignmentPipeline(transformer, FlowMatchEulerDiscreteScheduler(), vae, text_encoder, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @dataclass
