@@ -29,12 +29,14 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from unialignment.frozen.text_encoder import load_t5_tokenizer
 from unialignment.pipelines.assembly import build_pipeline, save_pipeline
+from unialignment.pipelines.jobs import IMAGE_TASKS
 from unialignment.toy.components import dataset_image_size, dataset_text_length
 from unialignment.toy.folder import DatasetFolderError, read_split, split_files
 from unialignment.toy.heldout import (
@@ -53,6 +55,8 @@ STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_sft")
 # --full: every task of the world, perception maps and compositions included (about an hour on 2 CPU cores).
 FULL_STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_perception_composition", "stage4_sft_every_task")
 VARIANTS = {False: "aligned", True: "no_alignment"}
+# inference.py tasks that copy source images, sampled with --edit-guidance (text-to-image with --guidance)
+SOURCE_TASKS = tuple(task for task in IMAGE_TASKS if task != "t2i")
 # --quick, the README's first command: what it shortens (and it evaluates the held-out text-to-image prompts only).
 QUICK = {"steps_scale": 0.5, "vae_steps": 1500}
 ALIGNMENT_OFF = {
@@ -161,8 +165,13 @@ def evaluate(pipeline: Path, data_root: Path, folder: Path, args: argparse.Names
 
 def infer(jobs: list, jobs_file: Path, pipeline: Path, args: argparse.Namespace, image_size: int, text_length: int):
     """Write `jobs` to `jobs_file` and run them through inference.py (log beside the jobs file), with the sampling
-    settings of `args` (sample_steps, guidance)."""
-    jobs_file = write_jobs(jobs, jobs_file)
+    settings of `args`: sample_steps, guidance (text-to-image) and edit_guidance (every task with source images:
+    edits, perception maps, compositions)."""
+    with_sources = [
+        replace(job, line={**job.line, "guidance": args.edit_guidance}) if job.line["task"] in SOURCE_TASKS else job
+        for job in jobs
+    ]
+    jobs_file = write_jobs(with_sources, jobs_file)
     run(
         [
             sys.executable, "inference.py", "--model", str(pipeline), "--jobs", str(jobs_file), "--batch-size", "32",
@@ -206,7 +215,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Chosen on training-split records, never the held-out ones (scripts/toy_guidance_sweep.py, 48 prompts and
     # 96 edits, 2 seeds): t2i colour 0.84 / 0.86 / 0.95 / 0.93 at guidance 1.5 / 2 / 3 / 4.5, recolour 0.58-0.66
     # from 1.5 to 6.
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance for every image task")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance for text-to-image")
+    # Chosen the same way (192 edits, 96 maps and 96 compositions of the training split): with a `--full` model,
+    # guidance 1 / 1.5 / 2 / 3 gave move 0.45 / 0.61 / 0.60 / 0.50, add 0.15 / 0.32 / 0.39 / 0.33 (edits: mean of
+    # seeds 0 and 1), composition 0.41 / 0.52 / 0.58 / 0.57 (seed 1), mask and edges IoU within 0.03; with a
+    # default-demo model 1.5 / 2 / 3 were within 0.07 of each other on every edit row.
+    parser.add_argument(
+        "--edit-guidance",
+        type=float,
+        default=2.0,
+        help="classifier-free guidance for the tasks with source images: edits, perception maps, compositions",
+    )
     # 24 held-out prompts drawn once each move the colour score by 0.04 a prompt, and two runs of one recipe differed
     # by more than that; four draws a prompt (seeds seed .. seed+3) cost a few seconds.
     parser.add_argument(

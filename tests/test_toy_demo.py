@@ -44,6 +44,11 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     for folder in ("untrained", "aligned"):
         scores = json.loads((out / folder / "scores.json").read_text())
         assert list(scores) == list(METRICS) and all(0.0 <= value <= 1.0 for value in scores.values())
+    # text-to-image at --guidance (given on the command line), every task with source images at --edit-guidance
+    lines = [json.loads(line) for line in (out / "aligned" / "heldout_jobs.jsonl").read_text().splitlines()]
+    guidance = {(line["task"], line.get("guidance")) for line in lines}
+    assert guidance == {("t2i", None), ("caption", None), ("vqa", None), ("edit", 2.0), ("perception", 2.0),
+                        ("compose", 2.0)}  # fmt: skip
     # each stage started from the previous stage's EMA export
     stage3 = (out / "aligned" / "stage3_sft" / "config.py").read_text()
     assert str(out / "aligned" / "stage2_multitask" / "export" / "ema") in stage3
@@ -53,19 +58,22 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     command = [
         sys.executable, "scripts/toy_guidance_sweep.py", "--model", str(out / "aligned" / "pipeline"),
         "--data", str(out / "world"), "--out", str(sweep), "--guidance", "1", "2.5", "--seeds", "0",
-        "--prompts", "3", "--edits", "2", "--sample-steps", "2",
+        "--prompts", "3", "--edits", "2", "--maps", "1", "--compositions", "1", "--sample-steps", "2",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "| metric | guidance 1 | guidance 2.5 |" in result.stdout and "3 t2i, 2 edit" in result.stdout
+    assert "| metric | guidance 1 | guidance 2.5 |" in result.stdout
+    assert "3 t2i, 2 edit, 1 perception, 1 composition" in result.stdout
     lines = [json.loads(line) for line in (sweep / "guidance2.5_seed0" / "jobs.jsonl").read_text().splitlines()]
-    assert [line["task"] for line in lines] == ["t2i", "edit", "edit"]
+    assert [line["task"] for line in lines] == ["t2i", "edit", "edit", "perception", "compose"]
+    assert all(line["guidance"] == 2.5 for line in lines[1:])  # the swept scale for every task with sources
     prompts = lines[0]["prompt"]
     train = read_split(out / "world", "train")
     assert len(set(prompts)) == 3 and all(" and " not in prompt for prompt in prompts)
     assert set(prompts) <= {record.prompt for record in train["t2i"]}
     assert not set(prompts) & {record.prompt for record in heldout["t2i"]}
-    assert {line["image"] for line in lines[1:]} <= {record.source_images[0] for record in train["edit"]}
+    assert {line["image"] for line in lines[1:3]} <= {record.source_images[0] for record in train["edit"]}
+    assert {line["image"] for line in lines[3:4]} <= {record.source_images[0] for record in train["perception"]}
     assert len(list((sweep / "guidance1_seed0" / "outputs" / "t2i").iterdir())) == 3
 
 
