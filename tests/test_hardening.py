@@ -79,23 +79,25 @@ def test_non_finite_steps_are_skipped_on_every_zero_stage_and_no_weight_changes(
             torch.testing.assert_close(tensor, initial[name], rtol=0, atol=0, msg=f"{kind} {name}")
 
 
-def test_the_cache_script_builds_what_training_computes_for_non_default_settings(tmp_path):
-    settings = ["--components.text_length", "16", "--components.teacher_average_padding", "false"]
+def _cache_data(tmp_path: Path) -> list[str]:
+    """A copy of the debug assets' text-to-image and edit files; the overrides that point a config at them."""
     data = tmp_path / "data"
     subprocess.run(["cp", "-r", str(REPO / "runs" / "debug_assets" / "data"), str(data)], check=True)
     groups = [
         {"name": "t2i", "weight": 1, "datasets": [{"path": str(data / "t2i.jsonl"), "task": "t2i"}]},
         {"name": "edit", "weight": 1, "datasets": [{"path": str(data / "edit.jsonl"), "task": "edit"}]},
     ]
-    overrides = [*settings, "--data.groups", json.dumps(groups), "--components.dtype", "float32"]
-    cached = _run([sys.executable, "scripts/cache_features.py", DEBUG_CONFIG, *overrides])
-    assert cached.returncode == 0, cached.stderr[-4000:]
+    return ["--data.groups", json.dumps(groups), "--components.dtype", "float32"]
 
+
+def _online_and_cached_batches(overrides: list[str]):
+    """(task groups, the cache-reading dataset, [(online batch, cached batch)] for two sampled steps): the same
+    records prepared from the frozen components and from the cache the config's files have."""
     from unialignment.data.collate import Collator
     from unialignment.data.dataset import UniAlignmentDataset, build_task_groups
     from unialignment.data.feature_cache import components_fingerprint
     from unialignment.data.features import prepare_training_batch
-    from unialignment.data.sampler import SampleKey, TaskMixingSampler
+    from unialignment.data.sampler import TaskMixingSampler
     from unialignment.frozen.components import load_frozen_components
     from unialignment.training.config import load_config, parse_overrides
 
@@ -108,11 +110,29 @@ def test_the_cache_script_builds_what_training_computes_for_non_default_settings
     assert all(readers is not None for readers in cached_dataset.cache_readers)
     collator = Collator(components.t5.tokenizer, components.t5.max_length)
     sampler = TaskMixingSampler([g.pool_sizes for g in task_groups], [1, 1], 2, num_steps=2, seed=3)
+    pairs = []
     for keys in sampler:
         online, cached_batch = collator([online_dataset[k] for k in keys]), collator([cached_dataset[k] for k in keys])
         a = prepare_training_batch(online, components, torch.Generator().manual_seed(0), "cpu")
         b = prepare_training_batch(cached_batch, components, torch.Generator().manual_seed(0), "cpu")
-        for name in ("prompt_embeds", "teacher_image_targets", "teacher_text_targets", "target_latents"):
+        pairs.append((a, b))
+    return task_groups, cached_dataset, pairs
+
+
+CACHED_FEATURES = ("prompt_embeds", "teacher_image_targets", "teacher_text_targets", "target_latents")
+
+
+def test_the_cache_script_builds_what_training_computes_for_non_default_settings(tmp_path):
+    settings = ["--components.text_length", "16", "--components.teacher_average_padding", "false"]
+    overrides = [*settings, *_cache_data(tmp_path)]
+    cached = _run([sys.executable, "scripts/cache_features.py", DEBUG_CONFIG, *overrides])
+    assert cached.returncode == 0, cached.stderr[-4000:]
+
+    from unialignment.data.sampler import SampleKey
+
+    task_groups, cached_dataset, pairs = _online_and_cached_batches(overrides)
+    for a, b in pairs:
+        for name in CACHED_FEATURES:
             # stored in bfloat16: the cache's rounding, nothing more
             torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=0.05, rtol=0.02, msg=name)
 
@@ -123,6 +143,39 @@ def test_the_cache_script_builds_what_training_computes_for_non_default_settings
     position = int((task_groups[0].pool_members[0] == 0).nonzero()[0][0])
     sample = cached_dataset[SampleKey(group=0, bucket=0, index=position, step=0, micro_step=0)]
     assert sample.replaced and "changed after the feature cache was written" in sample.replaced[0]
+
+
+def test_a_float32_cache_is_what_training_computes_and_skip_fresh_keeps_it(tmp_path):
+    """What the shapes-world demo runs before each stage: `--storage-dtype float32 --skip-fresh`."""
+    from unialignment.data.feature_cache import cache_folder
+
+    overrides = _cache_data(tmp_path)
+    command = [sys.executable, "scripts/cache_features.py", DEBUG_CONFIG, *overrides, "--skip-fresh"]
+    first = _run([*command, "--storage-dtype", "float32"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert first.stdout.count("records cached in") == 2, first.stdout
+    task_groups, _, pairs = _online_and_cached_batches(overrides)
+    for a, b in pairs:
+        for name in CACHED_FEATURES:
+            # float32 storage: only the rounding of encoding records in other batches (measured: 2e-7 relative)
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-6, rtol=1e-5, msg=name)
+
+    metas = [cache_folder(group.indexes[0].path, 32) / "meta.json" for group in task_groups]
+    written = [meta.stat().st_mtime_ns for meta in metas]
+    again = _run([*command, "--storage-dtype", "float32"])
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("its feature cache is fresh; kept") == 2, again.stdout
+    assert [meta.stat().st_mtime_ns for meta in metas] == written
+    # another storage dtype, or a changed file, is not fresh: rewritten
+    os.utime(tmp_path / "data" / "t2i.jsonl", ns=(1, 1))
+    other = _run([*command, "--storage-dtype", "float32"])
+    assert other.returncode == 0, other.stderr[-4000:]
+    lines = other.stdout.splitlines()
+    assert any("t2i.jsonl: " in line and "records cached in" in line for line in lines), other.stdout
+    assert any("edit.jsonl: its feature cache is fresh; kept" in line for line in lines), other.stdout
+    bfloat16 = _run([*command, "--storage-dtype", "bfloat16"])
+    assert bfloat16.stdout.count("records cached in") == 2, bfloat16.stdout
+    assert all(json.loads(meta.read_text())["storage_dtype"] == "torch.bfloat16" for meta in metas)
 
 
 # --- one line must not kill a long job ----------------------------------------------------------------------------

@@ -117,6 +117,18 @@ def _changes(written: object, now: dict) -> list[str]:
     return changes
 
 
+def stale_settings(meta: dict, jsonl_path: str | Path, resolution: int, num_rows: int, components: dict) -> list[str]:
+    """The recorded settings of a cache (its `meta.json`) that differ from the run's; none: the cache is fresh."""
+    expected = {
+        "version": FORMAT_VERSION,
+        "resolution": resolution,
+        "num_rows": num_rows,
+        "source": source_fingerprint(Path(jsonl_path)),
+        "components": components,
+    }
+    return [key for key, value in expected.items() if meta.get(key) != value]
+
+
 class FeatureCacheReader:
     """Rows of one file's cache. Holds paths, not handles, so it pickles into DataLoader workers."""
 
@@ -143,14 +155,7 @@ class FeatureCacheReader:
                 )  # fmt: skip
             return None
         meta = json.loads(meta_path.read_text())
-        expected = {
-            "version": FORMAT_VERSION,
-            "resolution": resolution,
-            "num_rows": num_rows,
-            "source": source_fingerprint(Path(jsonl_path)),
-            "components": components,
-        }
-        stale = [key for key, value in expected.items() if meta.get(key) != value]
+        stale = stale_settings(meta, jsonl_path, resolution, num_rows, components)
         if stale:
             details = _changes(meta.get("components"), components) if "components" in stale else []
             logger.warning(
