@@ -205,6 +205,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=2000, help="most steps of the tiny VAE's training")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the tiny T5")
     parser.add_argument("--teacher-steps", type=int, default=2000, help="image-caption steps of the tiny teacher")
+    # The frozen components' outputs once per record (scripts/cache_features.py, float32) instead of once per step:
+    # on the shapes world the same losses digit for digit (100 stage-2 steps compared) and the same held-out table as
+    # encoding online, with steps about 10% faster on 2 CPU cores.
+    parser.add_argument(
+        "--no-feature-cache",
+        dest="feature_cache",
+        action="store_false",
+        help="encode every batch with the frozen components online instead of caching them beside the data once "
+        "(in hidden .<file>.features/ folders; a dataset folder the demo may not write to needs this)",
+    )
     parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument(
         "--text-steps",
@@ -330,7 +340,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     untrained = make_untrained_pipeline(out, stages[0], overrides[stages[0]])
     baseline_jobs = evaluate(untrained, data_root, out / "untrained", args, image_size, text_length)
     for stage in stages:
-        run(["bash", "train_unialignment.sh", f"configs/toy/{stage}.py", *as_arguments(overrides[stage])])
+        arguments = as_arguments(overrides[stage])
+        if args.feature_cache:  # the files an earlier stage cached are kept (--skip-fresh)
+            run([sys.executable, "scripts/cache_features.py", f"configs/toy/{stage}.py", *arguments,
+                 "--storage-dtype", "float32", "--skip-fresh"])  # fmt: skip
+            arguments.append("--data.use_feature_cache=True")
+        run(["bash", "train_unialignment.sh", f"configs/toy/{stage}.py", *arguments])
     pipeline = variant / "pipeline"
     run([sys.executable, "scripts/export_pipeline.py", "--run", str(variant / stages[-1]), "--out", str(pipeline),
          "--overwrite"])  # fmt: skip

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from unialignment.data.feature_cache import cache_folder
+from unialignment.toy.components import dataset_image_size
 from unialignment.toy.folder import read_split
 from unialignment.toy.heldout import METRICS
 
@@ -52,6 +54,11 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     # each stage started from the previous stage's EMA export
     stage3 = (out / "aligned" / "stage3_sft" / "config.py").read_text()
     assert str(out / "aligned" / "stage2_multitask" / "export" / "ema") in stage3
+    # and read the frozen components' outputs from the float32 cache beside each training file it uses
+    assert "use_feature_cache=True" in stage3
+    for task in ("t2i", "edit", "vqa"):
+        meta = cache_folder(out / "world" / "train" / f"{task}.jsonl", dataset_image_size(out / "world")) / "meta.json"
+        assert json.loads(meta.read_text())["storage_dtype"] == "torch.float32", task
 
     # the guidance sweep samples the training split only: distinct one-object prompts and edit records
     sweep = out / "sweep"
