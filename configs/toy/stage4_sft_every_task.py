@@ -26,5 +26,5 @@ data = dict(
 # 0.78 -> 0.78, composition 0.60 -> 0.64, mask and edges IoU within 0.01, text-to-image shape 0.85 -> 0.90.
 # 1600 steps instead of 800 (same records, same stage-3 model, edit weight 4): recolour 0.80 -> 0.82, move 0.70 ->
 # 0.68, add 0.41 -> 0.41, remove 0.78 -> 0.83, composition 0.64 -> 0.71, mask 0.88 -> 0.88, edges IoU 0.52 -> 0.53,
-# text-to-image shape 0.90 -> 0.92; about 4.5 more minutes on 2 CPU cores.
+# text-to-image shape 0.90 -> 0.92; stage 4 then took 7.9 min instead of 4.5 end to end on 2 CPU cores.
 max_steps = 1600
