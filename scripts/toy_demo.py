@@ -1,8 +1,8 @@
 """The built-in small default end to end: data, tiny components, the training stages, export, inference on the
 held-out split, and a table scored against an untrained baseline. `bash scripts/demo.sh` runs it.
 
-    python scripts/toy_demo.py                      # the shapes world, every loss term (about 20 minutes)
-    python scripts/toy_demo.py --full               # also perception maps and compositions (about an hour)
+    python scripts/toy_demo.py                      # the shapes world, every loss term (about 25 minutes)
+    python scripts/toy_demo.py --full               # also perception maps and compositions (about 46 minutes)
     python scripts/toy_demo.py --no-alignment       # the same without the two alignment losses (and no teacher)
     python scripts/toy_demo.py --seeds 3            # both variants over seeds 0, 1, 2: mean and spread per metric
     python scripts/toy_demo.py --data DIR           # any dataset folder: DIR/train/*.jsonl, DIR/heldout/*.jsonl
@@ -52,7 +52,7 @@ from unialignment.training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_sft")
-# --full: every task of the world, perception maps and compositions included (about an hour on 2 CPU cores).
+# --full: every task of the world, perception maps and compositions included (about 46 minutes on 2 CPU cores).
 FULL_STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_perception_composition", "stage4_sft_every_task")
 VARIANTS = {False: "aligned", True: "no_alignment"}
 # inference.py tasks that copy source images, sampled with --edit-guidance (text-to-image with --guidance)
@@ -199,8 +199,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="about an hour: also train perception maps and compositions (configs/toy/stage3_perception_composition.py"
-        " and stage4_sft_every_task.py after the default's first two stages)",
+        help="about 46 minutes: also train perception maps and compositions "
+        "(configs/toy/stage3_perception_composition.py and stage4_sft_every_task.py after the default's first two "
+        "stages)",
     )
     parser.add_argument("--vae-steps", type=int, default=2000, help="most steps of the tiny VAE's training")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the tiny T5")
