@@ -52,7 +52,7 @@ from unialignment.training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_sft")
-# --full: every task of the world, perception maps and compositions included (about 46 minutes on 2 CPU cores).
+# --full: every task of the world, perception maps and compositions included.
 FULL_STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_perception_composition", "stage4_sft_every_task")
 VARIANTS = {False: "aligned", True: "no_alignment"}
 # inference.py tasks that copy source images, sampled with --edit-guidance (text-to-image with --guidance)
