@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
 from unialignment.models import UniAlignmentTransformer
+from unialignment.models.attention import PaddedJointAttnProcessor, attend
 from unialignment.toy.transformer import TINY_UNIALIGNMENT_CONFIG, make_tiny_transformer
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
@@ -204,6 +206,45 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         (out.velocity.square().mean() + out.text_logits.square().mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dual_attention_layers", [(), (0,)])
+def test_padded_narrow_heads_compute_what_diffusers_joint_attention_does(dual_attention_layers):
+    """The tiny model's 8-wide heads run through PaddedJointAttnProcessor: same outputs and gradients."""
+    latents, text = _inputs()
+    results = []
+    for processor in ("padded", "diffusers"):
+        model = make_tiny_transformer(qk_norm="rms_norm", dual_attention_layers=dual_attention_layers)
+        attentions = [a for block in model.transformer_blocks for a in (block.attn, block.attn2) if a is not None]
+        assert len(attentions) == model.config.num_layers + len(dual_attention_layers)
+        assert all(isinstance(a.processor, PaddedJointAttnProcessor) for a in attentions)
+        if processor == "diffusers":
+            for attention in attentions:
+                attention.set_processor(JointAttnProcessor2_0())
+        out = model(latents, text, 400.0, [latents.flip(-1)], return_text_logits=True, return_alignment=True)
+        (out.velocity.square().mean() + out.text_logits.square().mean() + out.image_alignment.mean()).backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.velocity, out.text_logits, out.image_alignment, grads))
+    (velocity, logits, alignment, grads), (velocity_0, logits_0, alignment_0, grads_0) = results
+    torch.testing.assert_close(velocity, velocity_0)
+    torch.testing.assert_close(logits, logits_0)
+    torch.testing.assert_close(alignment, alignment_0)
+    assert grads.keys() == grads_0.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_0[name], msg=name)
+
+
+def test_only_narrow_heads_on_cpu_are_padded():
+    wide = make_tiny_transformer(num_attention_heads=1, attention_head_dim=16)
+    assert not any(isinstance(p, PaddedJointAttnProcessor) for p in wide.attn_processors.values())
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 2, 4, 7, 8, dtype=torch.float64)
+    # Hand-written attention with the 8-wide heads' own scale, 1/sqrt(8).
+    expected = torch.softmax(query @ key.transpose(-1, -2) / 8**0.5, dim=-1) @ value
+    torch.testing.assert_close(attend(query, key, value), expected)
+    wide_query, wide_key, wide_value = (torch.cat([t, t], dim=-1) for t in (query, key, value))
+    expected_wide = torch.softmax(wide_query @ wide_key.transpose(-1, -2) / 16**0.5, dim=-1) @ wide_value
+    torch.testing.assert_close(attend(wide_query, wide_key, wide_value), expected_wide)
 
 
 def test_bad_inputs_are_clear_errors():

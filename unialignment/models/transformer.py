@@ -51,6 +51,8 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from unialignment.models.attention import CPU_MIN_HEAD_DIM, PaddedJointAttnProcessor
+
 
 @dataclass
 class UniAlignmentTransformerOutput(BaseOutput):
@@ -187,6 +189,12 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
                 for i in range(num_layers)
             ]
         )
+        if attention_head_dim < CPU_MIN_HEAD_DIM:
+            # Narrow heads (the toy model's): same outputs, a faster CPU kernel (unialignment.models.attention).
+            for block in self.transformer_blocks:
+                for attention in (block.attn, block.attn2):
+                    if attention is not None:
+                        attention.set_processor(PaddedJointAttnProcessor())
 
         # Image head (change 3): SD3's norm_out / proj_out under the authors' names.
         self.image_norm_out = AdaLayerNormContinuous(inner_dim, inner_dim, elementwise_affine=False, eps=1e-6)
