@@ -164,16 +164,18 @@ def test_full_mode_adds_the_perception_and_composition_stages_after_the_first_tw
         plan["stage1_t2i_caption"]["max_steps"]
         == toy_demo.load_config(REPO / "configs/toy/stage1_t2i_caption.py").max_steps
     )
-    assert list(toy_demo.FULL_STAGES[:2]) == list(toy_demo.STAGES[:2])  # the default's first two stages, as they are
+    assert list(toy_demo.FULL_STAGES[:2]) == list(toy_demo.STAGES[:2])  # the default's first two configs
     groups = {stage: [group["name"] for group in settings["data.groups"]] for stage, settings in plan.items()}
     assert {"perception", "composition"} <= set(groups["stage3_perception_composition"])
     assert set(groups["stage4_sft_every_task"]) == {"t2i", "edit", "vqa", "perception", "composition"}
     for previous, stage in zip(toy_demo.FULL_STAGES, toy_demo.FULL_STAGES[1:], strict=False):
         assert plan[stage]["model.load_from"] == str(out / "aligned" / previous / "export" / "ema")
     assert all(settings["seed"] == 3 for settings in plan.values())  # --seed reaches the training too
+    assert all(settings.items() >= toy_demo.FULL_MODEL.items() for settings in plan.values())  # 16 heads of 8 in each
     # the default mode trains neither task
     default = toy_demo.plan_stages(toy_demo.parse_args(["--data", str(data)]), out, data, 64, 16)
     assert not {"perception", "composition"} & {g["name"] for s in default.values() for g in s["data.groups"]}
+    assert not any(key in settings for settings in default.values() for key in toy_demo.FULL_MODEL)
 
 
 def test_seeds_run_both_variants_per_seed_in_its_own_folder_and_summarise(tmp_path, monkeypatch):
