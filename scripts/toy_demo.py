@@ -2,7 +2,7 @@
 held-out split, and a table scored against an untrained baseline. `bash scripts/demo.sh` runs it.
 
     python scripts/toy_demo.py                      # the shapes world, every loss term (about 25 minutes)
-    python scripts/toy_demo.py --full               # also perception maps and compositions (about 46 minutes)
+    python scripts/toy_demo.py --full               # also perception maps and compositions (about 59 minutes)
     python scripts/toy_demo.py --no-alignment       # the same without the two alignment losses (and no teacher)
     python scripts/toy_demo.py --seeds 3            # both variants over seeds 0, 1, 2: mean and spread per metric
     python scripts/toy_demo.py --data DIR           # any dataset folder: DIR/train/*.jsonl, DIR/heldout/*.jsonl
@@ -58,7 +58,7 @@ FULL_STAGES = ("stage1_t2i_caption", "stage2_multitask", "stage3_perception_comp
 # width 128 and parameters as the default's, as 16 heads of 8 instead of 8 of 16. Chosen on training records (seeds 0
 # and 1; 192 edits, 96 maps, 192 compositions) after all four stages: recolour 0.84 -> 0.93, move 0.69 -> 0.72, add
 # 0.45 -> 0.66, remove 0.80 -> 0.91, mask 0.87 -> 0.89, edges 0.54 -> 0.59, composition 0.71 -> 0.69, text-to-image
-# within 0.01. Its steps cost about 20% more on 2 cores (unialignment.models.attention pads its heads on CPU).
+# within 0.01. Its steps cost about 30% more on 2 cores (after unialignment.models.attention pads its heads on CPU).
 FULL_MODEL = {"model.config.num_attention_heads": 16, "model.config.attention_head_dim": 8}
 VARIANTS = {False: "aligned", True: "no_alignment"}
 # inference.py tasks that copy source images, sampled with --edit-guidance (text-to-image with --guidance)
@@ -205,9 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="about 46 minutes: also train perception maps and compositions "
+        help="about 59 minutes: also train perception maps and compositions "
         "(configs/toy/stage3_perception_composition.py and stage4_sft_every_task.py after the default's first two "
-        "stages)",
+        "stages), with 16 heads of 8 instead of 8 of 16 in every stage (FULL_MODEL)",
     )
     parser.add_argument("--vae-steps", type=int, default=2000, help="most steps of the tiny VAE's training")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the tiny T5")
