@@ -2,7 +2,8 @@
 
 Prints one table: milliseconds per forward + backward of scaled-dot-product attention over 16 sequences, at the
 toy model's width 128 as 8 heads of 16 and as 16 heads of 8, for the sequence lengths of its tasks (64 target
-image tokens, 64 more per condition image, 4 null-image or 16 text tokens), and the padded path's speed-up.
+image tokens, 64 more per condition image, 4 null-image or 16 text tokens), and the padded path's speed-up: above
+1x, `speed.pad_narrow_heads=True` pays on this machine.
 
     python scripts/benchmark_attention.py
 """
@@ -10,22 +11,19 @@ image tokens, 64 more per condition image, 4 null-image or 16 text tokens), and 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from unialignment.benchmark.workload import timed
 from unialignment.models.attention import attend
 
 
 def _milliseconds(fn, shape: tuple[int, ...], repeats: int) -> float:
+    """Mean milliseconds of one forward + backward of `fn` over random queries, keys and values of `shape`."""
     query, key, value = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    for _ in range(2):  # warm-up
-        fn(query, key, value).sum().backward()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn(query, key, value).sum().backward()
-    return (time.perf_counter() - start) / repeats * 1e3
+    seconds = timed(lambda: fn(query, key, value).sum().backward(), 2, repeats, torch.device("cpu"))
+    return sum(seconds) / len(seconds) * 1e3
 
 
 def main() -> None:

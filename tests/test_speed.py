@@ -381,6 +381,7 @@ def test_every_switch_at_once_trains_like_the_plain_path(tmp_path, debug_assets)
         "uint8_pixels": True,
         "teacher_inputs_in_workers": True,
         "compile_text_encoder": True,
+        "pad_narrow_heads": True,
     }
     overrides = [item for key, value in switches.items() for item in (f"--speed.{key}", str(value))]
     fast_metrics, fast_weights = train(tmp_path / "fast", *overrides)

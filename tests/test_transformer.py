@@ -210,17 +210,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize("dual_attention_layers", [(), (0,)])
 def test_padded_narrow_heads_compute_what_diffusers_joint_attention_does(dual_attention_layers):
-    """The tiny model's 8-wide heads run through PaddedJointAttnProcessor: same outputs and gradients."""
+    """The tiny model's 8-wide heads through PaddedJointAttnProcessor (`pad_narrow_heads`, the
+    `speed.pad_narrow_heads` switch) and through diffusers' own: same outputs and gradients."""
     latents, text = _inputs()
     results = []
     for processor in ("padded", "diffusers"):
         model = make_tiny_transformer(qk_norm="rms_norm", dual_attention_layers=dual_attention_layers)
         attentions = [a for block in model.transformer_blocks for a in (block.attn, block.attn2) if a is not None]
         assert len(attentions) == model.config.num_layers + len(dual_attention_layers)
-        assert all(isinstance(a.processor, PaddedJointAttnProcessor) for a in attentions)
-        if processor == "diffusers":
-            for attention in attentions:
-                attention.set_processor(JointAttnProcessor2_0())
+        assert all(isinstance(a.processor, JointAttnProcessor2_0) for a in attentions)
+        if processor == "padded":
+            model.pad_narrow_heads()
+            assert all(isinstance(a.processor, PaddedJointAttnProcessor) for a in attentions)
         out = model(latents, text, 400.0, [latents.flip(-1)], return_text_logits=True, return_alignment=True)
         (out.velocity.square().mean() + out.text_logits.square().mean() + out.image_alignment.mean()).backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -234,9 +235,7 @@ def test_padded_narrow_heads_compute_what_diffusers_joint_attention_does(dual_at
         torch.testing.assert_close(grad, grads_0[name], msg=name)
 
 
-def test_only_narrow_heads_on_cpu_are_padded():
-    wide = make_tiny_transformer(num_attention_heads=1, attention_head_dim=16)
-    assert not any(isinstance(p, PaddedJointAttnProcessor) for p in wide.attn_processors.values())
+def test_attend_pads_only_narrow_heads_and_keeps_their_scale():
     torch.manual_seed(0)
     query, key, value = torch.randn(3, 2, 4, 7, 8, dtype=torch.float64)
     # Hand-written attention with the 8-wide heads' own scale, 1/sqrt(8).

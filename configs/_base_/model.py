@@ -15,4 +15,5 @@ speed = dict(
     uint8_pixels=False,
     teacher_inputs_in_workers=False,
     compile_text_encoder=False,
+    pad_narrow_heads=False,
 )

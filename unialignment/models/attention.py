@@ -1,11 +1,12 @@
-"""Joint attention (SD3's MMDiT, Esser et al. 2024) with narrow heads zero-padded on CPU.
+"""Joint attention (SD3's MMDiT, Esser et al. 2024) with narrow heads zero-padded for the CPU kernel.
 
-PyTorch's CPU kernel for scaled-dot-product attention is about three times slower, forward and backward, at
-16 heads of 8 channels than at 8 heads of 16 (same width; 16 sequences of 212 tokens on 2 cores: 54 ms against
-17 ms), most of it in the backward pass. Zero-padding queries, keys and values to 16 channels leaves every logit
-and every output channel exactly what it was (the padded channels add 0 to each dot product and come out 0), and
-the kernel runs the padded heads in 38 ms. On GPUs the flash kernels take narrow heads as they are, so only CPU
-tensors are padded. `scripts/benchmark_attention.py` measures both paths.
+Zero-padding queries, keys and values from fewer than 16 channels to 16 leaves every logit and every output channel
+what it was (the padded channels add 0 to each dot product and come out 0). Whether PyTorch's CPU attention kernel
+then runs faster depends on the CPU: 16 sequences of 212 tokens at width 128 as 16 heads of 8, forward and backward
+on 2 cores, took 46-53 ms as is and 32-38 ms padded on one machine (1.2-1.8x faster), 22 ms as is and 34 ms padded
+on another (AVX-512; 8 heads of 16 took 14-17 and 11 ms). So it is a switch, off by default:
+`UniAlignmentTransformer.pad_narrow_heads()`, `speed.pad_narrow_heads` in training; `scripts/benchmark_attention.py`
+says which is faster on a given machine. GPU tensors and heads of 16 or more channels are never padded.
 """
 
 from __future__ import annotations

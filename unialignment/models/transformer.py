@@ -51,7 +51,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from unialignment.models.attention import CPU_MIN_HEAD_DIM, PaddedJointAttnProcessor
+from unialignment.models.attention import PaddedJointAttnProcessor
 
 
 @dataclass
@@ -189,13 +189,6 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
                 for i in range(num_layers)
             ]
         )
-        if attention_head_dim < CPU_MIN_HEAD_DIM:
-            # Narrow heads (the toy model's): same outputs, a faster CPU kernel (unialignment.models.attention).
-            for block in self.transformer_blocks:
-                for attention in (block.attn, block.attn2):
-                    if attention is not None:
-                        attention.set_processor(PaddedJointAttnProcessor())
-
         # Image head (change 3): SD3's norm_out / proj_out under the authors' names.
         self.image_norm_out = AdaLayerNormContinuous(inner_dim, inner_dim, elementwise_affine=False, eps=1e-6)
         self.image_proj_out = nn.Linear(inner_dim, patch_size * patch_size * self.out_channels)
@@ -373,6 +366,12 @@ class UniAlignmentTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             details = "; ".join(f"{kind}: {sorted(map(str, keys))}" for kind, keys in problems.items() if keys)
             raise ValueError(f"{pretrained_model_name_or_path} does not match {cls.__name__} strictly: {details}")
         return (model, loading_info) if output_loading_info else model
+
+    def pad_narrow_heads(self) -> None:
+        """Run joint attention through `PaddedJointAttnProcessor`: heads narrower than 16 channels are zero-padded
+        to 16 for PyTorch's CPU attention kernel. The same outputs and gradients; faster on some CPUs, slower on
+        others (`scripts/benchmark_attention.py` says which on yours). Other heads and GPU tensors are unchanged."""
+        self.set_attn_processor(PaddedJointAttnProcessor())
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """Compile each joint block on its own with `torch.compile` (regional compilation): one compiled graph,

@@ -265,6 +265,8 @@ def build_training(
     with torch.device(init_device or "cpu"):
         model, source = build_transformer(config, components.t5.vocab_size)
     set_checkpointing(model, config.speed.gradient_checkpointing)
+    if config.speed.pad_narrow_heads:
+        model.pad_narrow_heads()
     if config.speed.compile_blocks:
         model.compile_blocks()
     if config.speed.compile_text_encoder:

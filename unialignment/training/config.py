@@ -83,6 +83,8 @@ class SpeedConfig:
     uint8_pixels: pixels travel from the workers as uint8 and are scaled to [-1, 1] on the GPU.
     teacher_inputs_in_workers: the teacher's image processing and tokenization run in the DataLoader workers.
     compile_text_encoder: `torch.compile` of the frozen T5 encoder.
+    pad_narrow_heads: heads narrower than 16 channels zero-padded to 16 for the CPU attention kernel (the same
+        attention; faster on some CPUs, slower on others: `scripts/benchmark_attention.py`).
     """
 
     gradient_checkpointing: bool | int = True
@@ -94,6 +96,7 @@ class SpeedConfig:
     uint8_pixels: bool = False
     teacher_inputs_in_workers: bool = False
     compile_text_encoder: bool = False
+    pad_narrow_heads: bool = False
 
     def __post_init__(self):
         _check_range("speed", {"gradient_checkpointing": int(self.gradient_checkpointing)}, 0)
