@@ -209,6 +209,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(configs/toy/stage3_perception_composition.py and stage4_sft_every_task.py after the default's first two "
         "stages), with 16 heads of 8 instead of 8 of 16 in every stage (FULL_MODEL)",
     )
+    parser.add_argument(
+        "--pad-narrow-heads",
+        action="store_true",
+        help="speed.pad_narrow_heads in every stage: the same attention, faster on CPUs where "
+        "scripts/benchmark_attention.py shows a padded speed-up above 1x (--full's 8-wide heads only)",
+    )
     parser.add_argument("--vae-steps", type=int, default=2000, help="most steps of the tiny VAE's training")
     parser.add_argument("--t5-steps", type=int, default=400, help="masked-token pretraining steps of the tiny T5")
     parser.add_argument("--teacher-steps", type=int, default=2000, help="image-caption steps of the tiny teacher")
@@ -314,6 +320,8 @@ def plan_stages(args: argparse.Namespace, out: Path, data_root: Path, image_size
             continue
         if args.full:
             stage_settings.update(FULL_MODEL)
+        if args.pad_narrow_heads:
+            stage_settings["speed.pad_narrow_heads"] = True
         if stage in args.stage_steps:
             stage_settings["max_steps"] = stage_settings["logging.sample_every_steps"] = args.stage_steps[stage]
         overrides[stage], previous = stage_settings, stage

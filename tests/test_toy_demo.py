@@ -177,6 +177,11 @@ def test_full_mode_adds_the_perception_and_composition_stages_after_the_first_tw
     default = toy_demo.plan_stages(toy_demo.parse_args(["--data", str(data)]), out, data, 64, 16)
     assert not {"perception", "composition"} & {g["name"] for s in default.values() for g in s["data.groups"]}
     assert not any(key in settings for settings in default.values() for key in toy_demo.FULL_MODEL)
+    assert not any("speed.pad_narrow_heads" in settings for settings in default.values())
+    padded = toy_demo.plan_stages(
+        toy_demo.parse_args(["--full", "--pad-narrow-heads", "--data", str(data)]), out, data, 64, 16
+    )
+    assert all(settings["speed.pad_narrow_heads"] is True for settings in padded.values())
 
 
 def test_seeds_run_both_variants_per_seed_in_its_own_folder_and_summarise(tmp_path, monkeypatch):
