@@ -2,7 +2,7 @@
 held-out split, and a table scored against an untrained baseline. `bash scripts/demo.sh` runs it.
 
     python scripts/toy_demo.py                      # the shapes world, every loss term (about 25 minutes)
-    python scripts/toy_demo.py --full               # also perception maps and compositions (about 59 minutes)
+    python scripts/toy_demo.py --full               # also perception maps and compositions (45-59 minutes by machine)
     python scripts/toy_demo.py --no-alignment       # the same without the two alignment losses (and no teacher)
     python scripts/toy_demo.py --seeds 3            # both variants over seeds 0, 1, 2: mean and spread per metric
     python scripts/toy_demo.py --data DIR           # any dataset folder: DIR/train/*.jsonl, DIR/heldout/*.jsonl
@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="about 59 minutes: also train perception maps and compositions "
+        help="45-59 minutes by machine: also train perception maps and compositions "
         "(configs/toy/stage3_perception_composition.py and stage4_sft_every_task.py after the default's first two "
         "stages), with 16 heads of 8 instead of 8 of 16 in every stage (FULL_MODEL)",
     )
