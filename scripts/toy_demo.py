@@ -205,9 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="45-59 minutes by machine: also train perception maps and compositions "
-        "(configs/toy/stage3_perception_composition.py and stage4_sft_every_task.py after the default's first two "
-        "stages), with 16 heads of 8 instead of 8 of 16 in every stage (FULL_MODEL)",
+        help="45-59 minutes by machine (59: a slower CPU, with --pad-narrow-heads): also train perception maps and "
+        "compositions (configs/toy/stage3_perception_composition.py and stage4_sft_every_task.py after the "
+        "default's first two stages), with 16 heads of 8 instead of 8 of 16 in every stage (FULL_MODEL)",
     )
     parser.add_argument(
         "--pad-narrow-heads",
