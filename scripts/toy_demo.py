@@ -8,11 +8,13 @@ held-out split, and a table scored against an untrained baseline. `bash scripts/
     python scripts/toy_demo.py --data DIR           # any dataset folder: DIR/train/*.jsonl, DIR/heldout/*.jsonl
 
 Each step is one of the project's own commands, printed before it runs: `scripts/make_toy_world.py`,
-`scripts/make_toy_components.py`, `train_unialignment.sh configs/toy/<stage>.py` (DeepSpeed) once per stage
-(STAGES, or FULL_STAGES with --full), each from the previous one's EMA export, `scripts/export_pipeline.py`, and
-`inference.py --jobs` on every held-out record. Everything lands under OUT (default runs/toy, runs/toy_full with
---full): world/, components/, untrained/, and one folder per variant (aligned/ or no_alignment/) with a run per
-stage, the exported pipeline, outputs/ and scores.md. With --seeds N, each seed has such a folder, OUT/seed_<k>/.
+`scripts/make_toy_components.py`, `scripts/cache_features.py` once for every stage's training files,
+`train_unialignment.sh configs/toy/<stage>.py` (DeepSpeed) once per stage (STAGES, or FULL_STAGES with --full), each
+from the previous one's EMA export, `scripts/export_pipeline.py`, and `inference.py --jobs` on every held-out record
+of the tasks those stages train (the default's stages train neither perception maps nor compositions, so it does
+not sample them). Everything lands under OUT (default runs/toy, runs/toy_full with --full): world/, components/,
+untrained/, and one folder per variant (aligned/ or no_alignment/) with a run per stage, the exported pipeline,
+outputs/ and scores.md. With --seeds N, each seed has such a folder, OUT/seed_<k>/.
 
 For the shapes world, the built-in checker (`unialignment.toy.checker`) scores the outputs; the table shows the
 untrained model beside the trained one (and beside the other variant, once both have run). For another dataset
@@ -63,7 +65,8 @@ FULL_MODEL = {"model.config.num_attention_heads": 16, "model.config.attention_he
 VARIANTS = {False: "aligned", True: "no_alignment"}
 # inference.py tasks that copy source images, sampled with --edit-guidance (text-to-image with --guidance)
 SOURCE_TASKS = tuple(task for task in IMAGE_TASKS if task != "t2i")
-# --quick, the README's first command: what it shortens (and it evaluates the held-out text-to-image prompts only).
+# --quick, the README's first command: what it shortens (its one stage trains, and so the demo evaluates, the held-out
+# text-to-image prompts and captions only).
 QUICK = {"steps_scale": 0.5, "vae_steps": 1500}
 ALIGNMENT_OFF = {
     "objective.weights.contrastive": 0.0,
@@ -156,12 +159,43 @@ def make_untrained_pipeline(out: Path, stage: str, overrides: dict) -> Path:
     return pipeline
 
 
-def evaluate(pipeline: Path, data_root: Path, folder: Path, args: argparse.Namespace, image_size: int, text_length):
-    """Run every held-out job (--quick: text-to-image and captions) through inference.py; returns the jobs (with
-    their output files)."""
+def trained_tasks(overrides: dict) -> list[str]:
+    """The task files the planned stages train on, in the order they first appear (t2i records also train
+    captioning)."""
+    tasks = {}
+    for stage in overrides.values():
+        for group in stage["data.groups"]:
+            tasks.update((dataset["task"], None) for dataset in group["datasets"])
+    return list(tasks)
+
+
+def every_training_file(overrides: dict) -> list[dict]:
+    """One data group per distinct training file of the planned stages: what scripts/cache_features.py caches once
+    for all of them."""
+    datasets = {}
+    for stage in overrides.values():
+        for group in stage["data.groups"]:
+            datasets.update((dataset["path"], dataset) for dataset in group["datasets"])
+    return [dict(name=Path(path).stem, weight=1, datasets=[dataset]) for path, dataset in datasets.items()]
+
+
+def unsampled_tasks_note(args: argparse.Namespace, data_root: Path) -> str | None:
+    """The line that names the held-out task files no stage of this run trains (None when every one is trained)."""
+    untrained = [task for task in split_files(data_root, "heldout") if task not in args.trained_tasks]
+    if not untrained:
+        return None
+    hint = "" if args.full else " (bash scripts/demo.sh --full trains every task)"
+    return f"held-out {', '.join(untrained)}: no stage of this run trains them, so they are not sampled or scored{hint}"
+
+
+def evaluate(
+    pipeline: Path, data_root: Path, folder: Path, args: argparse.Namespace, image_size: int, text_length: int
+):
+    """Run the held-out jobs of the trained tasks (`args.trained_tasks`: those of the stages run) through
+    inference.py; returns the jobs (with their output files). A task no stage trains is not sampled: its rows would
+    only show the untrained model twice."""
     split = read_split(data_root, "heldout")
-    if args.quick:
-        split = {task: records for task, records in split.items() if task == "t2i"}
+    split = {task: records for task, records in split.items() if task in args.trained_tasks}
     jobs = plan_jobs_for(
         split, folder / "outputs", seed=args.seed, text_steps=args.text_steps, t2i_samples=args.t2i_samples
     )
@@ -352,15 +386,22 @@ def run_demo(args: argparse.Namespace) -> dict:
     variant = out / VARIANTS[args.no_alignment]
     overrides = plan_stages(args, out, data_root, image_size, text_length)
     stages = list(overrides)
-    args.last_stage = stages[-1]
+    args.last_stage, args.trained_tasks = stages[-1], trained_tasks(overrides)
+    if note := unsampled_tasks_note(args, data_root):
+        print(note, flush=True)
 
     untrained = make_untrained_pipeline(out, stages[0], overrides[stages[0]])
     baseline_jobs = evaluate(untrained, data_root, out / "untrained", args, image_size, text_length)
+    if args.feature_cache:
+        # Every stage's training files in one run (one process, not one a stage); files cached by an earlier demo
+        # with the same components are kept (--skip-fresh). The first stage's settings (every stage has the same
+        # components and sizes), as it starts from scratch: no stage's export exists yet.
+        cached = as_arguments({**overrides[stages[0]], "data.groups": every_training_file(overrides)})
+        run([sys.executable, "scripts/cache_features.py", f"configs/toy/{stages[0]}.py", *cached,
+             "--storage-dtype", "float32", "--skip-fresh"])  # fmt: skip
     for stage in stages:
         arguments = as_arguments(overrides[stage])
-        if args.feature_cache:  # the files an earlier stage cached are kept (--skip-fresh)
-            run([sys.executable, "scripts/cache_features.py", f"configs/toy/{stage}.py", *arguments,
-                 "--storage-dtype", "float32", "--skip-fresh"])  # fmt: skip
+        if args.feature_cache:
             arguments.append("--data.use_feature_cache=True")
         run(["bash", "train_unialignment.sh", f"configs/toy/{stage}.py", *arguments])
     pipeline = variant / "pipeline"

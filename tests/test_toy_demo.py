@@ -1,7 +1,8 @@
 """The built-in demo end to end: the same command as `bash scripts/demo.sh` (world, components, DeepSpeed stages,
 export, inference.py on every held-out record, checker, table).
 
-The first test runs all three stages with a handful of steps and checks that every step runs and connects. The
+The first test runs the four stages of `--full` with a handful of steps and checks that every step runs and
+connects and that every held-out task is sampled and scored. The
 second runs a shortened demo (stage 1 and `--full`'s perception-and-composition stage) and checks that the model
 has learned: its held-out text-to-image colours and positions, perception masks and compositions are well above
 the untrained baseline's.
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     out = tmp_path / "toy"
     command = [
-        sys.executable, "scripts/toy_demo.py", "--out", str(out),
+        sys.executable, "scripts/toy_demo.py", "--out", str(out), "--full",
         "--steps-scale", "0.01", "--vae-steps", "5", "--teacher-steps", "2", "--sample-steps", "2", "--text-steps", "2",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -52,11 +53,12 @@ def test_demo_runs_end_to_end_and_scores_every_task(tmp_path):
     assert guidance == {("t2i", None), ("caption", None), ("vqa", None), ("edit", 2.0), ("perception", 2.0),
                         ("compose", 2.0)}  # fmt: skip
     # each stage started from the previous stage's EMA export
-    stage3 = (out / "aligned" / "stage3_sft" / "config.py").read_text()
-    assert str(out / "aligned" / "stage2_multitask" / "export" / "ema") in stage3
-    # and read the frozen components' outputs from the float32 cache beside each training file it uses
-    assert "use_feature_cache=True" in stage3
-    for task in ("t2i", "edit", "vqa"):
+    stage4 = (out / "aligned" / "stage4_sft_every_task" / "config.py").read_text()
+    assert str(out / "aligned" / "stage3_perception_composition" / "export" / "ema") in stage4
+    # and read the frozen components' outputs from the float32 cache beside each training file it uses, cached once
+    assert "use_feature_cache=True" in stage4
+    assert result.stdout.count(" scripts/cache_features.py ") == 1
+    for task in ("t2i", "edit", "vqa", "perception", "composition"):
         meta = cache_folder(out / "world" / "train" / f"{task}.jsonl", dataset_image_size(out / "world")) / "meta.json"
         assert json.loads(meta.read_text())["storage_dtype"] == "torch.float32", task
 
@@ -179,10 +181,44 @@ def test_full_mode_adds_the_perception_and_composition_stages_after_the_first_tw
     assert not {"perception", "composition"} & {g["name"] for s in default.values() for g in s["data.groups"]}
     assert not any(key in settings for settings in default.values() for key in toy_demo.FULL_MODEL)
     assert not any("speed.pad_narrow_heads" in settings for settings in default.values())
+    # every task file the stages train, named and cached once for all of them
+    assert toy_demo.trained_tasks(plan) == ["t2i", "edit", "perception", "composition", "vqa"]
+    assert toy_demo.trained_tasks(default) == ["t2i", "edit", "vqa"]
+    cached = toy_demo.every_training_file(plan)
+    assert [group["datasets"] for group in cached] == [
+        [dict(path=str(data / "train" / f"{task}.jsonl"), task=task)]
+        for task in ("t2i", "edit", "perception", "composition", "vqa")
+    ]
     padded = toy_demo.plan_stages(
         toy_demo.parse_args(["--full", "--pad-narrow-heads", "--data", str(data)]), out, data, 64, 16
     )
     assert all(settings["speed.pad_narrow_heads"] is True for settings in padded.values())
+
+
+def test_the_heldout_tasks_sampled_are_those_the_stages_train(tmp_path, monkeypatch):
+    toy_demo = _toy_demo_module()
+    data = tmp_path / "world"
+    subprocess.run([sys.executable, "scripts/make_toy_world.py", "--out", str(data)], cwd=REPO, check=True)
+    heldout = read_split(data, "heldout")
+    sampled = []
+    monkeypatch.setattr(toy_demo, "infer", lambda jobs, *rest: sampled.append(jobs))
+    everything = {"t2i", "caption", "edit", "vqa", "perception", "composition"}
+    modes = {"": everything - {"perception", "composition"}, "--full": everything, "--quick": {"t2i", "caption"}}
+    for mode, expected in modes.items():
+        args = toy_demo.parse_args([mode, "--data", str(data)] if mode else ["--data", str(data)])
+        args.trained_tasks = toy_demo.trained_tasks(toy_demo.plan_stages(args, tmp_path / "toy", data, 64, 16))
+        jobs = toy_demo.evaluate(tmp_path / "pipeline", data, tmp_path / f"eval{mode}", args, 64, 16)
+        assert sampled[-1] == jobs and {job.task for job in jobs} == expected, mode
+        for task in expected - {"caption"}:  # every record of a trained task, text-to-image once per draw
+            draws = args.t2i_samples if task == "t2i" else 1
+            assert sum(len(job.records) for job in jobs if job.task == task) == draws * len(heldout[task]), mode
+        note = toy_demo.unsampled_tasks_note(args, data)
+        if mode == "--full":
+            assert note is None
+        else:
+            left_out = ", ".join(task for task in heldout if task not in expected)
+            assert note.startswith(f"held-out {left_out}: no stage of this run trains them"), note
+            assert note.endswith("(bash scripts/demo.sh --full trains every task)")
 
 
 def test_seeds_run_both_variants_per_seed_in_its_own_folder_and_summarise(tmp_path, monkeypatch):
