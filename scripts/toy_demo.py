@@ -1,7 +1,7 @@
 """The built-in small default end to end: data, tiny components, the training stages, export, inference on the
 held-out split, and a table scored against an untrained baseline. `bash scripts/demo.sh` runs it.
 
-    python scripts/toy_demo.py                      # the shapes world, every loss term (20-25 minutes)
+    python scripts/toy_demo.py                      # the shapes world, every loss term (19-25 minutes by machine)
     python scripts/toy_demo.py --full               # also perception maps and compositions (45-59 minutes by machine)
     python scripts/toy_demo.py --no-alignment       # the same without the two alignment losses (and no teacher)
     python scripts/toy_demo.py --seeds 3            # both variants over seeds 0, 1, 2: mean and spread per metric
