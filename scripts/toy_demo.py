@@ -159,24 +159,20 @@ def make_untrained_pipeline(out: Path, stage: str, overrides: dict) -> Path:
     return pipeline
 
 
-def trained_tasks(overrides: dict) -> list[str]:
-    """The task files the planned stages train on, in the order they first appear (t2i records also train
-    captioning)."""
-    tasks = {}
-    for stage in overrides.values():
-        for group in stage["data.groups"]:
-            tasks.update((dataset["task"], None) for dataset in group["datasets"])
-    return list(tasks)
-
-
 def every_training_file(overrides: dict) -> list[dict]:
-    """One data group per distinct training file of the planned stages: what scripts/cache_features.py caches once
-    for all of them."""
+    """One data group per distinct training file of the planned stages, in the order they first appear: what
+    scripts/cache_features.py caches once for all of them."""
     datasets = {}
     for stage in overrides.values():
         for group in stage["data.groups"]:
             datasets.update((dataset["path"], dataset) for dataset in group["datasets"])
     return [dict(name=Path(path).stem, weight=1, datasets=[dataset]) for path, dataset in datasets.items()]
+
+
+def trained_tasks(overrides: dict) -> list[str]:
+    """The tasks of the planned stages' training files, in the order they first appear (t2i records also train
+    captioning)."""
+    return list(dict.fromkeys(group["datasets"][0]["task"] for group in every_training_file(overrides)))
 
 
 def unsampled_tasks_note(args: argparse.Namespace, data_root: Path) -> str | None:
