@@ -40,7 +40,7 @@ from unialignment.frozen.text_encoder import load_t5_tokenizer
 from unialignment.pipelines.assembly import build_pipeline, save_pipeline
 from unialignment.pipelines.jobs import IMAGE_TASKS
 from unialignment.toy.components import dataset_image_size, dataset_text_length
-from unialignment.toy.folder import DatasetFolderError, read_split, split_files
+from unialignment.toy.folder import DatasetFolderError, read_records, split_files
 from unialignment.toy.heldout import (
     checks_world,
     format_seed_table,
@@ -190,8 +190,8 @@ def evaluate(
     """Run the held-out jobs of the trained tasks (`args.trained_tasks`: those of the stages run) through
     inference.py; returns the jobs (with their output files). A task no stage trains is not sampled: its rows would
     only show the untrained model twice."""
-    split = read_split(data_root, "heldout")
-    split = {task: records for task, records in split.items() if task in args.trained_tasks}
+    files = split_files(data_root, "heldout")
+    split = {task: read_records(path, task) for task, path in files.items() if task in args.trained_tasks}
     jobs = plan_jobs_for(
         split, folder / "outputs", seed=args.seed, text_steps=args.text_steps, t2i_samples=args.t2i_samples
     )
